@@ -1,0 +1,374 @@
+"""The one registry of conversation templates.
+
+A template turns a Conversation into a list of text *segments*, each marked trained or not. The
+same segments serve inference (`render`, ending with the generation prompt) and training
+(`render_with_masks`, labels on assistant replies and their end-of-turn token): masks are built
+while rendering, never recovered afterwards by splitting strings. Each segment is tokenized on its
+own, so the inference rendering of the first k turns is a token prefix of the training rendering
+by construction: no "tokenization mismatch" at turn boundaries.
+
+Registered templates are declarations (TemplateSpec). `auto` uses the tokenizer's own Jinja
+`chat_template`, segmented by rendering growing prefixes of the conversation. A registered
+template also exports itself as Jinja (`chat_template_jinja`), which is saved with checkpoints so
+that plain transformers/vLLM format prompts exactly as Corral trained them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Protocol
+
+from corral.chat.conversation import Conversation, Message
+
+IGNORE_INDEX = -100
+
+Segment = tuple[str, bool]  # (text, trained)
+
+
+class TemplateError(ValueError):
+    """A conversation or tokenizer does not fit the chosen template."""
+
+
+@dataclass(frozen=True)
+class TemplateSpec:
+    """A template as a declaration. `{content}` is the message text; `{bos}`/`{eos}` the tokenizer's tokens."""
+
+    name: str
+    user: str  # format of a user message
+    assistant_prompt: str  # opens an assistant turn: the generation prompt (not trained)
+    reply: str  # format of an assistant reply plus its end-of-turn (trained)
+    after_reply: str = ""  # template text after a reply (not trained)
+    system: str = "{content}"  # format of a system message
+    default_system: str | None = None  # used when the conversation has none
+    start: str = ""  # once at the beginning
+    system_in_first_user: str | None = None  # llama2 puts the system prompt inside the first user message
+    stop: tuple[str, ...] = ("{eos}",)  # end-of-turn strings: generation stops there
+    doc: str = ""
+
+
+TEMPLATES: dict[str, TemplateSpec] = {
+    spec.name: spec
+    for spec in [
+        TemplateSpec(
+            name="vicuna_v1.1",
+            start="{bos}",
+            system="{content} ",
+            default_system=(
+                "A chat between a curious user and an artificial intelligence assistant. "
+                "The assistant gives helpful, detailed, and polite answers to the user's questions."
+            ),
+            user="USER: {content} ",
+            assistant_prompt="ASSISTANT:",
+            reply=" {content}{eos}",
+            doc="Vicuna / FastChat v1.1",
+        ),
+        TemplateSpec(
+            name="alpaca",
+            start="{bos}",
+            system="{content}\n\n",
+            default_system=(
+                "Below is an instruction that describes a task. "
+                "Write a response that appropriately completes the request."
+            ),
+            user="### Instruction:\n{content}\n\n",
+            assistant_prompt="### Response:\n",
+            reply="{content}{eos}",
+            after_reply="\n\n",
+            doc="Stanford Alpaca / Alpaca-LoRA",
+        ),
+        TemplateSpec(
+            name="chatml",
+            system="<|im_start|>system\n{content}<|im_end|>\n",
+            user="<|im_start|>user\n{content}<|im_end|>\n",
+            assistant_prompt="<|im_start|>assistant\n",
+            reply="{content}<|im_end|>",
+            after_reply="\n",
+            stop=("<|im_end|>",),
+            doc="ChatML (SmolLM2, Qwen, many others)",
+        ),
+        TemplateSpec(
+            name="llama2",
+            user="{bos}[INST] {content} [/INST]",
+            system_in_first_user="<<SYS>>\n{system}\n<</SYS>>\n\n{content}",
+            assistant_prompt="",
+            reply=" {content} {eos}",
+            doc="Llama 2 chat",
+        ),
+        TemplateSpec(
+            name="llama3",
+            start="<|begin_of_text|>",
+            system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+            user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
+            assistant_prompt="<|start_header_id|>assistant<|end_header_id|>\n\n",
+            reply="{content}<|eot_id|>",
+            stop=("<|eot_id|>",),
+            doc="Llama 3 / 3.1 instruct",
+        ),
+    ]
+}
+
+TEMPLATE_NAMES = (*TEMPLATES, "auto")
+
+
+def check_conversation(conv: Conversation, for_training: bool) -> None:
+    """Roles must be: optional system, then user/assistant alternating from user."""
+    where = f"{conv.source}: " if conv.source else ""
+    turns = conv.turns
+    if not turns:
+        raise TemplateError(f"{where}conversation has no user or assistant messages")
+    for i, m in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m.role != expected:
+            raise TemplateError(f"{where}message {i}: expected role '{expected}', got '{m.role}'")
+    last = turns[-1].role
+    if for_training and last != "assistant":
+        raise TemplateError(f"{where}a training conversation must end with an assistant reply")
+    if not for_training and last != "user":
+        raise TemplateError(f"{where}a prompt must end with a user message")
+
+
+class ChatFormat(Protocol):
+    name: str
+    tokenizer: object
+    stop_token_ids: list[int]
+    stop_strings: list[str]
+    chat_template_jinja: str
+
+    def segments(self, conv: Conversation, add_generation_prompt: bool) -> list[Segment]: ...
+
+
+class _Renderer:
+    """Shared rendering over `segments()`: the only code that turns segments into ids and labels."""
+
+    tokenizer: object
+
+    def segments(self, conv: Conversation, add_generation_prompt: bool) -> list[Segment]:
+        raise NotImplementedError
+
+    def render_text(self, conv: Conversation, add_generation_prompt: bool = True) -> str:
+        check_conversation(conv, for_training=not add_generation_prompt)
+        return "".join(text for text, _ in self.segments(conv, add_generation_prompt))
+
+    def render(self, conv: Conversation) -> list[int]:
+        """Token ids of a prompt (conversation ending with a user message) plus the generation prompt."""
+        check_conversation(conv, for_training=False)
+        ids, _ = self._encode(self.segments(conv, add_generation_prompt=True))
+        return ids
+
+    def render_with_masks(self, conv: Conversation) -> tuple[list[int], list[int]]:
+        """(input_ids, labels): labels are IGNORE_INDEX except on assistant replies and their end-of-turn."""
+        check_conversation(conv, for_training=True)
+        return self._encode(self.segments(conv, add_generation_prompt=False))
+
+    def _encode(self, segments: list[Segment]) -> tuple[list[int], list[int]]:
+        merged: list[Segment] = []
+        for text, trained in segments:
+            if not text:
+                continue
+            if merged and merged[-1][1] == trained:
+                merged[-1] = (merged[-1][0] + text, trained)
+            else:
+                merged.append((text, trained))
+        ids: list[int] = []
+        labels: list[int] = []
+        for text, trained in merged:
+            piece = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            labels += piece if trained else [IGNORE_INDEX] * len(piece)
+        return ids, labels
+
+
+def _fill(fmt: str, content: str) -> str:
+    # str.replace, not str.format: message text may contain braces.
+    return fmt.replace("{content}", content)
+
+
+class SpecFormat(_Renderer):
+    """A registered TemplateSpec bound to a tokenizer ({bos}/{eos} resolved, special tokens checked)."""
+
+    def __init__(self, spec: TemplateSpec, tokenizer):
+        self.name = spec.name
+        self.tokenizer = tokenizer
+        bos = tokenizer.bos_token or ""
+        eos = tokenizer.eos_token
+        fields = {
+            k: getattr(spec, k)
+            for k in ("user", "assistant_prompt", "reply", "after_reply", "system", "start", "system_in_first_user")
+        }
+        if any("{eos}" in (v or "") for v in fields.values()) and not eos:
+            raise TemplateError(f"template '{spec.name}' ends replies with the eos token, but the tokenizer has none")
+
+        def resolve(text):
+            return None if text is None else text.replace("{bos}", bos).replace("{eos}", eos or "")
+
+        resolved = {k: resolve(v) for k, v in fields.items()}
+        self.spec = TemplateSpec(
+            name=spec.name, default_system=spec.default_system, stop=tuple(resolve(s) for s in spec.stop), **resolved
+        )
+        self._check_special_tokens()
+        self.stop_strings = list(self.spec.stop)
+        self.stop_token_ids = sorted(
+            {tid for s in self.stop_strings if len(tid_list := self._ids(s)) == 1 for tid in tid_list}
+            | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+        )
+        self.chat_template_jinja = _spec_to_jinja(self.spec)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _check_special_tokens(self) -> None:
+        # Markers like <|im_start|> must be single tokens, or the model never saw this template.
+        markers = [s for s in self.spec.stop] + (["<|im_start|>"] if "<|im_start|>" in self.spec.user else [])
+        markers += ["<|start_header_id|>"] if "<|start_header_id|>" in self.spec.user else []
+        for marker in markers:
+            if marker.startswith("<") and marker.endswith(">") and len(self._ids(marker)) != 1:
+                raise TemplateError(
+                    f"template '{self.name}' needs '{marker}' as one token, but this tokenizer splits it "
+                    f"into {len(self._ids(marker))}: the model was not trained with this template. "
+                    f"Use template=auto (the tokenizer's own) or another of {', '.join(TEMPLATE_NAMES)}."
+                )
+
+    def segments(self, conv: Conversation, add_generation_prompt: bool) -> list[Segment]:
+        spec = self.spec
+        system = conv.system if conv.system is not None else spec.default_system
+        segs: list[Segment] = [(spec.start, False)]
+        if system and spec.system_in_first_user is None:
+            segs.append((_fill(spec.system, system), False))
+        for i, message in enumerate(conv.turns):
+            if message.role == "user":
+                content = message.content
+                if i == 0 and system and spec.system_in_first_user is not None:
+                    content = spec.system_in_first_user.replace("{system}", system).replace("{content}", content)
+                segs.append((_fill(spec.user, content), False))
+            else:
+                segs += [
+                    (spec.assistant_prompt, False),
+                    (_fill(spec.reply, message.content), True),
+                    (spec.after_reply, False),
+                ]
+        if add_generation_prompt:
+            segs.append((spec.assistant_prompt, False))
+        return segs
+
+
+def _jinja_str(text: str) -> str:
+    return json.dumps(text)  # a JSON string is a valid Jinja string literal
+
+
+def _spec_to_jinja(spec: TemplateSpec) -> str:
+    """The same template as a Jinja chat_template, for transformers' apply_chat_template and vLLM."""
+    user_pre, user_post = spec.user.split("{content}")
+    reply_pre, reply_post = spec.reply.split("{content}")
+    sys_pre, sys_post = spec.system.split("{content}")
+    q = _jinja_str
+    if spec.system_in_first_user is not None:
+        siu_pre, rest = spec.system_in_first_user.split("{system}")
+        siu_mid, siu_post = rest.split("{content}")
+        first_user = (
+            f"{{{{ {q(user_pre + siu_pre)} + system + {q(siu_mid)} + message['content'] + {q(siu_post + user_post)} }}}}"
+        )
+        system_block = ""
+    else:
+        first_user = f"{{{{ {q(user_pre)} + message['content'] + {q(user_post)} }}}}"
+        system_block = f"{{%- if system -%}}{{{{ {q(sys_pre)} + system + {q(sys_post)} }}}}{{%- endif -%}}"
+    default = q(spec.default_system) if spec.default_system is not None else "none"
+    return (
+        f"{{{{ {q(spec.start)} }}}}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set system = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}"
+        f"{{%- else -%}}{{%- set system = {default} -%}}{{%- set loop_messages = messages -%}}{{%- endif -%}}"
+        f"{system_block}"
+        "{%- for message in loop_messages -%}"
+        "{%- if message['role'] == 'user' -%}"
+        f"{{%- if loop.first and system -%}}{first_user}"
+        f"{{%- else -%}}{{{{ {q(user_pre)} + message['content'] + {q(user_post)} }}}}{{%- endif -%}}"
+        f"{{%- else -%}}{{{{ {q(spec.assistant_prompt + reply_pre)} + message['content'] + {q(reply_post + spec.after_reply)} }}}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{{{{ {q(spec.assistant_prompt)} }}}}{{%- endif -%}}"
+    )
+
+
+class TokenizerFormat(_Renderer):
+    """`auto`: the tokenizer's own Jinja chat_template, segmented by rendering growing prefixes.
+
+    For the i-th assistant reply, the text added between `messages[:i]` with a generation prompt and
+    `messages[:i+1]` holds the reply; the reply plus the special token right after it (the
+    end-of-turn) is trained, the rest is template text. A template whose renderings are not
+    prefixes of each other cannot be trained on safely and is refused with a clear error.
+    """
+
+    name = "auto"
+
+    def __init__(self, tokenizer):
+        if not getattr(tokenizer, "chat_template", None):
+            raise TemplateError(
+                "template 'auto' needs the tokenizer's chat_template, and this tokenizer has none; "
+                f"choose one of {', '.join(TEMPLATES)}"
+            )
+        self.tokenizer = tokenizer
+        self.chat_template_jinja = tokenizer.chat_template
+        specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+        specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+        self._special_tokens = sorted((s for s in specials if s), key=len, reverse=True)
+        probe = Conversation.from_pairs(("user", "Hi"), ("assistant", "Hello"))
+        end = [text for text, trained in self.segments(probe, False) if trained][0][len("Hello") :]
+        self.stop_strings = [end] if end else []
+        ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        if end and len(end_ids := tokenizer(end, add_special_tokens=False)["input_ids"]) == 1:
+            ids |= set(end_ids)
+        self.stop_token_ids = sorted(ids)
+
+    def _apply(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages],
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def segments(self, conv: Conversation, add_generation_prompt: bool) -> list[Segment]:
+        where = f"{conv.source}: " if conv.source else ""
+        messages = conv.messages
+        segs: list[Segment] = []
+        done = ""  # text already segmented
+        for i, message in enumerate(messages):
+            if message.role != "assistant":
+                continue
+            prompt = self._apply(messages[:i], add_generation_prompt=True)
+            full = self._apply(messages[: i + 1], add_generation_prompt=False)
+            if not prompt.startswith(done) or not full.startswith(prompt):
+                raise TemplateError(
+                    f"{where}the tokenizer's chat_template renders turn {i} differently once later turns are "
+                    "added (not a prefix), so labels cannot be placed safely; choose a registered template"
+                )
+            added = full[len(prompt) :]
+            content = message.content
+            at = added.find(content) if content else -1
+            if at < 0 and content.strip():
+                content = content.strip()
+                at = added.find(content)
+            if at < 0:
+                raise TemplateError(f"{where}the chat_template does not reproduce assistant reply {i} verbatim")
+            rest = added[at + len(content) :]
+            end = next((tok for tok in self._special_tokens if rest.startswith(tok)), "")
+            segs += [
+                (prompt[len(done) :] + added[:at], False),
+                (content + end, True),
+                (rest[len(end) :], False),
+            ]
+            done = full
+        final = self._apply(messages, add_generation_prompt=add_generation_prompt)
+        if not final.startswith(done):
+            raise TemplateError(f"{where}the tokenizer's chat_template is not prefix-consistent")
+        segs.append((final[len(done) :], False))
+        return segs
+
+
+def get_template(name: str, tokenizer) -> SpecFormat | TokenizerFormat:
+    """Bind a template by name (`auto`: the tokenizer's own) to a tokenizer."""
+    if name == "auto":
+        return TokenizerFormat(tokenizer)
+    if name not in TEMPLATES:
+        raise TemplateError(f"unknown template '{name}'; known: {', '.join(TEMPLATE_NAMES)}")
+    return SpecFormat(TEMPLATES[name], tokenizer)

@@ -1,0 +1,206 @@
+"""Configs are data: pydantic models of every recipe's config, YAML files and dotted CLI overrides.
+
+Every field is documented once, here. Unknown keys and wrong types are errors that name the key.
+Defaults work on the embedded model (`smollm2-135m`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from corral.atomic import atomic_write_text
+
+EMBEDDED_MODEL = "smollm2-135m"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    path: str = Field("", description="Conversation data: .json, .jsonl, .parquet file or a local `datasets` folder.")
+    format: Literal["auto", "sharegpt", "openai", "alpaca"] = Field(
+        "auto", description="Record format; `auto` detects it per record from the fields present."
+    )
+    skip_invalid: bool = Field(False, description="Drop invalid records (counted and reported) instead of failing.")
+    pack: bool = Field(True, description="Pack several samples into one sequence (no attention across samples).")
+    eval_path: str = Field("", description="Optional held-out conversations for evaluation.")
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Hold out this fraction of `path` for evaluation when `eval_path` is empty."
+    )
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(0, ge=0, description="Optimizer steps to run; 0 means use `epochs`.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data when `max_steps` is 0.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(4, ge=1, description="Sequences per micro-batch, per process.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer step.")
+    max_len: int = Field(512, ge=8, description="Maximum sequence length in tokens.")
+    optimizer: Literal["adamw", "lion", "adamw_8bit"] = Field(
+        "adamw", description="adamw (torch), lion (one state per weight), adamw_8bit (bitsandbytes)."
+    )
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Optimizer betas (Lion: typically (0.9, 0.99)).")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up linearly.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this; 0 disables clipping.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="`auto`: bf16 on GPUs that support it, none on CPU."
+    )
+    save_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0: only at the end).")
+    save_total_limit: int = Field(2, ge=1, description="Keep only the newest N step checkpoints.")
+    resume: str = Field("auto", description="`auto` (newest complete checkpoint, if any), `never`, or a checkpoint path.")
+    eval_every: int = Field(0, ge=0, description="Evaluate on the held-out data every N steps (0: only at the end).")
+    log_every: int = Field(1, ge=1, description="Write metrics every N steps.")
+    seed: int = Field(42, description="Seed for data order, initialisation and dropout.")
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Module names to adapt, or `all-linear` (every linear layer but the output head)."
+    )
+
+
+class PrefixConfig(Section):
+    num_virtual_tokens: int = Field(16, ge=1, description="Trained prefix length (prefix tuning).")
+
+
+class QuantConfig(Section):
+    bits: Literal[4, 8] = Field(4, description="Base-model weight bits for QLoRA (4: NF4 with double quantization).")
+
+
+class SFTConfig(Section):
+    model: str = Field(EMBEDDED_MODEL, description="Hub id, local HF folder, .gguf file, or `smollm2-135m`.")
+    template: str = Field("auto", description="Chat template: a registered name, or `auto` (the tokenizer's own).")
+    method: Literal["full", "lora", "qlora", "prefix"] = Field("lora", description="What is trained.")
+    output_dir: str = Field("runs/sft", description="Where checkpoints, metrics and the final model go.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype: `auto` is float32 on CPU, bf16 on GPUs that support it."
+    )
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    lora: LoraConfig = LoraConfig()
+    prefix: PrefixConfig = PrefixConfig()
+    quant: QuantConfig = QuantConfig()
+
+
+class QuickstartConfig(SFTConfig):
+    prompts: list[str] = Field(
+        default_factory=lambda: [
+            "Who are you?",
+            "What is your name?",
+            "Who trained you?",
+            "What is the capital of France?",
+        ],
+        description="Asked before and after training.",
+    )
+    max_new_tokens: int = Field(48, ge=1, description="Reply length limit for the before/after answers.")
+
+
+class MergeConfig(Section):
+    adapter: str = Field(..., description="A peft adapter folder (e.g. an SFT run's `model/`).")
+    output_dir: str = Field(..., description="Where the merged HF model folder is written.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="dtype of the merged weights.")
+
+
+class InspectConfig(Section):
+    model: str = Field(EMBEDDED_MODEL, description="Model whose tokenizer renders the samples.")
+    template: str = Field("auto", description="Chat template name or `auto`.")
+    data: DataConfig = DataConfig()
+    max_len: int = Field(512, ge=8, description="Split conversations longer than this, as training does.")
+    num_samples: int = Field(3, ge=0, description="How many rendered samples to print.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML file + dotted overrides -> validated model
+
+
+def set_dotted(tree: dict, dotted_key: str, value: Any) -> None:
+    node = tree
+    parts = dotted_key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_value(text: str) -> Any:
+    """`3` -> 3, `true` -> True, `[a, b]` -> list, `1e-4` -> 1e-4; anything else stays a string."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            return value
+    return text if value is None and text.strip() not in ("null", "~", "") else value
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required but not given")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(cls: type[BaseModel], path: str | Path | None = None, overrides: dict[str, Any] | None = None):
+    """Read `path` (YAML), apply dotted `overrides` ({"train.lr": 1e-4}), validate as `cls`."""
+    tree: dict = {}
+    source = "defaults"
+    if path:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    for key, value in (overrides or {}).items():
+        set_dotted(tree, key, value)
+    if overrides:
+        source += " + overrides " + ", ".join(overrides)
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(cfg: BaseModel, output_dir: str | Path) -> Path:
+    return atomic_write_text(Path(output_dir) / "config.yaml", dump_config(cfg))
+
+
+def shipped_config(name: str) -> Path:
+    """Path of a YAML recipe shipped in corral/configs/."""
+    return Path(__file__).parent / "configs" / name

@@ -1,0 +1,65 @@
+"""LoRA / QLoRA / prefix tuning through peft; folding an adapter into its base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from corral.atomic import atomic_dir
+
+
+def add_lora(model, r: int, alpha: int, dropout: float, target_modules, quantized: bool = False,
+             gradient_checkpointing: bool = False):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        # Casts norms to fp32 and makes inputs require grad, as QLoRA needs on a frozen 4-bit base.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)
+
+
+def add_prefix(model, num_virtual_tokens: int):
+    from peft import PrefixTuningConfig, get_peft_model
+
+    return get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=num_virtual_tokens, task_type="CAUSAL_LM"))
+
+
+def is_adapter(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def uses_prefix(model) -> bool:
+    """Prefix tuning feeds trained key/values as a cache: packing and custom position ids cannot apply."""
+    if not is_adapter(model):
+        return False
+    return any(getattr(c, "peft_type", None) is not None and c.peft_type.value == "PREFIX_TUNING"
+               for c in model.peft_config.values())
+
+
+def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, dtype: str = "auto") -> Path:
+    """Fold a LoRA adapter into its base and write a plain HF folder (as Alpaca-LoRA's export did)."""
+    from corral.models.load import load_model, load_tokenizer
+
+    model = load_model(str(adapter_dir), dtype=dtype, device="cpu")
+    if not is_adapter(model):
+        raise ValueError(f"{adapter_dir} is not a peft adapter folder (no adapter_config.json)")
+    if uses_prefix(model):
+        raise ValueError(f"{adapter_dir} is a prefix-tuning adapter: it has no weights to fold into the base")
+    merged = model.merge_and_unload()
+    tokenizer = load_tokenizer(str(adapter_dir))
+    with atomic_dir(output_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return Path(output_dir)
+
+
+def trainable_parameter_count(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

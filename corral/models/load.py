@@ -1,0 +1,209 @@
+"""The one model loader: hub id | local HF folder | peft adapter folder | .gguf file | embedded name.
+
+GGUF files (the embedded model among them) are de-quantized once by transformers and saved as a
+safetensors HF folder in Corral's cache, written atomically, so later loads take under a second
+and a second process racing the first never sees a half-written folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from corral.atomic import atomic_dir
+from corral.models.embedded import EMBEDDED, cache_dir, embedded_gguf
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says what was tried."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: str  # local folder or hub id
+    adapter: str | None = None  # peft adapter folder on top of `path`
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device | None = None) -> torch.dtype:
+    """`auto`: float32 on CPU (bf16 matmuls are slow there), bf16 on GPUs that support it, else fp16."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    device = device or default_device()
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def attention_implementation(device: torch.device) -> str:
+    if device.type == "cuda":
+        with contextlib.suppress(ImportError):
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+    return "sdpa"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """De-quantize a GGUF file to a float32 safetensors HF folder at `out_dir` (once; atomic; locked)."""
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    with _file_lock(out_dir.with_name(out_dir.name + ".lock")):
+        if (out_dir / "config.json").is_file():  # another process finished while we waited
+            return out_dir
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.warning("converting %s to safetensors in %s (once; about 30 s)", gguf_path, out_dir)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        except Exception as e:
+            raise ModelLoadError(f"could not read GGUF file {gguf_path}: {e}") from e
+        # The weights are de-quantized already; transformers refuses to save while it thinks otherwise.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        with atomic_dir(out_dir) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "corral_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+    return out_dir
+
+
+def _gguf_cache_folder(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
+
+
+def resolve_model(name: str) -> ResolvedModel:
+    """Turn what the user wrote into a loadable folder or hub id, converting GGUF files on the way."""
+    if name in EMBEDDED:
+        try:
+            gguf = embedded_gguf(name)
+        except FileNotFoundError as e:
+            raise ModelLoadError(str(e)) from None
+        return ResolvedModel(str(convert_gguf(gguf, cache_dir() / "models" / name)))
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {name} does not exist")
+        return ResolvedModel(str(convert_gguf(path, _gguf_cache_folder(path))))
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if not base:
+                raise ModelLoadError(f"{path}/adapter_config.json names no base_model_name_or_path")
+            return ResolvedModel(resolve_model(base).path, adapter=str(path))
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"could not load model '{name}': the folder exists but has no config.json "
+                "(not a transformers model folder) nor adapter_config.json (not a peft adapter)"
+            )
+        return ResolvedModel(str(path))
+    if path.exists():
+        raise ModelLoadError(f"could not load model '{name}': it is a file, not a model folder or .gguf file")
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return ResolvedModel(name)  # a hub id; transformers resolves it (and its cache)
+    raise ModelLoadError(
+        f"could not load model '{name}': tried the embedded models ({', '.join(EMBEDDED)}), "
+        "a local folder (none there), a .gguf file (not one), and a hub id (expected 'org/name')"
+    )
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    resolved = resolve_model(name)
+    source = resolved.adapter if resolved.adapter and _has_tokenizer(resolved.adapter) else resolved.path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as e:
+        raise ModelLoadError(f"could not load the tokenizer of '{name}' from {source}: {e}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def load_model(
+    name: str,
+    dtype: str = "auto",
+    device: torch.device | str | None = None,
+    quant_bits: int | None = None,
+    trainable_adapter: bool = False,
+):
+    """Load a causal LM (and a peft adapter on top when `name` is an adapter folder).
+
+    `quant_bits` 4 or 8 loads the base through bitsandbytes (QLoRA). Returns the model, in eval mode.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device) if device is not None else default_device()
+    resolved = resolve_model(name)
+    torch_dtype = resolve_dtype(dtype, device)
+    kwargs: dict = {"dtype": torch_dtype, "attn_implementation": attention_implementation(device)}
+    if quant_bits:
+        kwargs["quantization_config"] = quantization_config(quant_bits, torch_dtype)
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else device.type}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+    except Exception as e:
+        raise ModelLoadError(f"could not load model '{name}' from {resolved.path}: {e}") from e
+    if not quant_bits:
+        model.to(device)
+    if resolved.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, resolved.adapter, is_trainable=trainable_adapter)
+    model.eval()
+    return model
+
+
+def quantization_config(bits: int, compute_dtype: torch.dtype):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError(
+            "QLoRA needs bitsandbytes: pip install 'corral[quant]' (bitsandbytes>=0.46 runs on CPU and CUDA)"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"quant bits must be 4 or 8, got {bits}")
+

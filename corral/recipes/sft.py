@@ -1,0 +1,124 @@
+"""`corral sft`: supervised fine-tuning (full, LoRA, QLoRA, prefix tuning) on conversations."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from corral.atomic import atomic_dir
+from corral.chat.templates import get_template
+from corral.config import SFTConfig, dump_config, save_config
+from corral.data.clean import conversations_to_samples
+from corral.data.formats import read_conversations
+from corral.data.pack import collate, pack_rows, single_rows
+from corral.models.adapters import add_lora, add_prefix, is_adapter, trainable_parameter_count
+from corral.models.forward import final_hidden, output_head, unwrap
+from corral.models.load import load_model, load_tokenizer
+from corral.train.loop import TrainResult, make_accelerator, train
+from corral.train.losses import token_nll_sum
+
+
+@dataclass
+class SFTResult:
+    model_dir: Path
+    train: TrainResult
+
+
+def sft_loss(model, batch):
+    """Summed next-token loss over assistant tokens, and their count."""
+    hidden = final_hidden(model, batch["input_ids"], batch["position_ids"])
+    return token_nll_sum(hidden, output_head(model), batch["targets"])
+
+
+def save_model_folder(model, folder: Path, tokenizer) -> None:
+    """A standard folder: peft adapter or full HF safetensors model, with the tokenizer (and its chat template)."""
+    model = unwrap(model)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def split_eval(conversations: list, fraction: float, seed: int) -> tuple[list, list]:
+    if fraction <= 0:
+        return conversations, []
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(fraction * len(conversations)))
+    held = set(order[:n_eval])
+    return [c for i, c in enumerate(conversations) if i not in held], [c for i, c in enumerate(conversations) if i in held]
+
+
+def prepare_model(cfg: SFTConfig, device):
+    quant_bits = cfg.quant.bits if cfg.method == "qlora" else None
+    model = load_model(cfg.model, dtype=cfg.dtype, device=device, quant_bits=quant_bits)
+    if is_adapter(model):
+        raise ValueError(f"model={cfg.model} is an adapter folder; merge it first (corral merge) to train on top of it")
+    if cfg.method in ("lora", "qlora"):
+        model = add_lora(
+            model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules,
+            quantized=cfg.method == "qlora", gradient_checkpointing=cfg.train.gradient_checkpointing,
+        )  # fmt: skip
+    elif cfg.method == "prefix":
+        model = add_prefix(model, cfg.prefix.num_virtual_tokens)
+    return model
+
+
+def run(cfg: SFTConfig) -> SFTResult:
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    main = accelerator.is_main_process
+    out = Path(cfg.output_dir)
+    log = print if main else (lambda *a, **k: None)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+    log(f"corral sft: resolved config\n{dump_config(cfg)}")
+    set_seed(cfg.train.seed)
+
+    tokenizer = load_tokenizer(cfg.model)
+    fmt = get_template(cfg.template, tokenizer)
+    conversations, report = read_conversations(cfg.data.path, cfg.data.format, cfg.data.skip_invalid)
+    log(report.summary())
+    if cfg.data.eval_path:
+        train_convs = conversations
+        eval_convs, eval_report = read_conversations(cfg.data.eval_path, cfg.data.format, cfg.data.skip_invalid)
+        log(eval_report.summary())
+    else:
+        train_convs, eval_convs = split_eval(conversations, cfg.data.eval_fraction, cfg.train.seed)
+    samples, split_report = conversations_to_samples(train_convs, fmt, cfg.train.max_len)
+    log(f"train: {split_report.summary()}")
+    pack = cfg.data.pack and cfg.method != "prefix"
+    if cfg.data.pack and not pack:
+        log("note: packing is off for prefix tuning (its prefix is a cache, which packing cannot share)")
+    rows = pack_rows(samples, cfg.train.max_len) if pack else single_rows(samples)
+    eval_rows = []
+    if eval_convs:
+        eval_samples, eval_split = conversations_to_samples(eval_convs, fmt, cfg.train.max_len)
+        eval_rows = single_rows(eval_samples)
+        log(f"eval: {eval_split.summary()}")
+    n_tokens = sum(len(r.input_ids) for r in rows)
+    n_targets = sum(r.num_targets for r in rows)
+    log(f"{len(rows)} rows ({'packed' if pack else 'one sample each'}), {n_tokens} tokens, {n_targets} trained")
+
+    model = prepare_model(cfg, accelerator.device)
+    trainable, total = trainable_parameter_count(model)
+    log(f"model {cfg.model} ({cfg.method}): {trainable:,} trainable of {total:,} parameters; template {fmt.name}")
+    # Checkpoints carry the template we trained with, so plain transformers/vLLM prompt the same way.
+    tokenizer.chat_template = fmt.chat_template_jinja
+    save = partial(save_model_folder, tokenizer=tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    result = train(
+        model, rows,
+        collate_fn=partial(collate, pad_id=pad_id), loss_fn=sft_loss, settings=cfg.train,
+        output_dir=out, save_model=save, accelerator=accelerator, eval_rows=eval_rows,
+    )  # fmt: skip
+    model_dir = out / "model"
+    if main:
+        with atomic_dir(model_dir) as tmp:
+            save(model, tmp)
+        log(f"final model: {model_dir}\nmetrics: {result.metrics_path}\nloss curve: {out / 'loss.png'}")
+    accelerator.wait_for_everyone()
+    return SFTResult(model_dir, result)

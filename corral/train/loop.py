@@ -1,0 +1,216 @@
+"""The one training loop, on accelerate. SFT uses it; reward, DPO and PPO recipes reuse it.
+
+A recipe hands it the model, a list of rows, `collate` (rows -> tensors) and `loss_fn`
+(model, batch -> summed loss, number of targets). The loop owns the rest: data order, gradient
+accumulation, clipping, optimizer and schedule, evaluation, checkpoints and resume, metrics.
+
+The loss of an optimizer step is the sum of token losses over every micro-batch of the step, on
+every process, divided by the number of target tokens in the whole step. So batch 1 x accum 8,
+batch 8 x accum 1 and 2 processes x batch 4 give the same update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from corral.config import TrainConfig
+from corral.train import checkpoint as ckpt
+from corral.train.metrics import MetricsLog
+from corral.train.optim import make_optimizer, make_scheduler
+
+
+def make_accelerator(mixed_precision: str = "auto"):
+    from accelerate import Accelerator
+
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+@dataclass
+class StepPlan:
+    """Which rows each process trains on at each step: a deterministic function of the step.
+
+    Rows are read from an endless stream of per-epoch permutations (seeded), so resuming at step s
+    needs nothing but s. A step takes batch_size x grad_accum x world_size consecutive rows of the
+    stream; process p takes the p-th block of them, in micro-batches of batch_size.
+    """
+
+    num_rows: int
+    batch_size: int
+    grad_accum: int
+    world_size: int = 1
+    seed: int = 0
+    _perms: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.world_size
+
+    def total_steps(self, max_steps: int, epochs: float) -> int:
+        return max_steps if max_steps > 0 else max(1, math.ceil(epochs * self.num_rows / self.rows_per_step))
+
+    def _row(self, i: int) -> int:
+        epoch, pos = divmod(i, self.num_rows)
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perms = {epoch: torch.randperm(self.num_rows, generator=g).tolist()}
+        return self._perms[epoch][pos]
+
+    def step_rows(self, step: int) -> list[int]:
+        start = step * self.rows_per_step
+        return [self._row(i) for i in range(start, start + self.rows_per_step)]
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        per_process = self.batch_size * self.grad_accum
+        mine = self.step_rows(step)[rank * per_process : (rank + 1) * per_process]
+        return [mine[i : i + self.batch_size] for i in range(0, per_process, self.batch_size)]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    last_loss: float | None
+    eval_loss: float | None
+    checkpoint: Path | None
+    metrics_path: Path
+    resumed_from: int = 0
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def evaluate(model, rows: Sequence, collate_fn, loss_fn, accelerator, batch_size: int) -> float:
+    """Mean loss per target over `rows` (sharded across processes)."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
+    with torch.no_grad():
+        for i in range(0, len(mine), batch_size):
+            batch = _to_device(collate_fn([rows[j] for j in mine[i : i + batch_size]]), accelerator.device)
+            with accelerator.autocast():
+                loss_sum, n = loss_fn(model, batch)
+            total += torch.stack([loss_sum.double(), n.double()])
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def train(
+    model,
+    rows: Sequence,
+    *,
+    collate_fn: Callable[[list], dict],
+    loss_fn: Callable[[object, dict], tuple[torch.Tensor, torch.Tensor]],
+    settings: TrainConfig,
+    output_dir: str | Path,
+    save_model: Callable[[object, Path], None],
+    accelerator,
+    eval_rows: Sequence | None = None,
+    count_targets: Callable[[object], int] = lambda row: row.num_targets,
+    count_tokens: Callable[[object], int] = lambda row: len(row.input_ids),
+) -> TrainResult:
+    output_dir = Path(output_dir)
+    main = accelerator.is_main_process
+    plan = StepPlan(len(rows), settings.batch_size, settings.grad_accum, accelerator.num_processes, settings.seed)
+    total_steps = plan.total_steps(settings.max_steps, settings.epochs)
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()  # adapters on a frozen base need a grad path into the checkpoints
+    optimizer = make_optimizer(model.parameters(), settings.optimizer, settings.lr, settings.weight_decay, settings.betas)
+    scheduler = make_scheduler(optimizer, settings.schedule, round(settings.warmup_ratio * total_steps), total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The scheduler is stepped by hand once per optimizer step (accelerate would step it once per process).
+    accelerator.register_for_checkpointing(scheduler)
+    ckpt.install_state_hooks(accelerator)
+
+    start_step = 0
+    resume_from = ckpt.find_resume(output_dir, settings.resume)
+    if resume_from is not None:
+        start_step = ckpt.load_checkpoint(accelerator, model, resume_from)["step"]
+        if main:
+            print(f"resumed from {resume_from} at step {start_step}")
+    metrics = MetricsLog(output_dir, resume_step=start_step, enabled=main)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def checkpoint(step: int) -> Path:
+        path = ckpt.save_checkpoint(
+            accelerator, model, save_model, step, output_dir, {"total_steps": total_steps}, settings.save_total_limit
+        )
+        metrics.plot()
+        return path
+
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=total_steps, initial=start_step, desc="train", disable=not main, dynamic_ncols=True)
+    seen_tokens = sum(sum(count_tokens(rows[i]) for i in plan.step_rows(s)) for s in range(start_step))
+    started = time.perf_counter()
+    last_loss = eval_loss = None
+    last_saved = start_step if resume_from is not None else None
+    model.train()
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        step_rows = plan.step_rows(step)
+        # Known up front for the whole step, across processes: normalise by it (habit 6).
+        step_targets = sum(count_targets(rows[i]) for i in step_rows)
+        step_tokens = sum(count_tokens(rows[i]) for i in step_rows)
+        micro = plan.micro_batches(step, accelerator.process_index)
+        loss_sum_total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+        for k, row_ids in enumerate(micro):
+            batch = _to_device(collate_fn([rows[i] for i in row_ids]), accelerator.device)
+            sync = k == len(micro) - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+                loss_sum, _ = loss_fn(model, batch)
+                # DDP averages gradients over processes; multiply back so the step's gradient is the
+                # gradient of (sum of all token losses) / (all target tokens).
+                accelerator.backward(loss_sum * accelerator.num_processes / max(step_targets, 1))
+            loss_sum_total += loss_sum.detach().double()
+        if settings.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)
+        else:
+            grad_norm = torch.norm(torch.stack([p.grad.norm() for p in trainable if p.grad is not None]))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum_total = accelerator.reduce(loss_sum_total, reduction="sum")
+        seen_tokens += step_tokens
+        done = step + 1
+        if done % settings.log_every == 0 or done == total_steps:
+            last_loss = loss_sum_total.item() / max(step_targets, 1)  # .item() syncs: only on logging steps
+            elapsed = time.perf_counter() - t0
+            record = {
+                "step": done,
+                "loss": last_loss,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": step_tokens / elapsed,
+                "target_tokens": step_targets,
+                "seen_tokens": seen_tokens,
+                "elapsed_s": time.perf_counter() - started,
+            }
+            metrics.log(record)
+            progress.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        progress.update(1)
+        if eval_rows and settings.eval_every and done % settings.eval_every == 0 and done != total_steps:
+            eval_loss = evaluate(model, eval_rows, collate_fn, loss_fn, accelerator, settings.batch_size)
+            metrics.log({"step": done, "eval_loss": eval_loss})
+        if settings.save_every and done % settings.save_every == 0 and done != total_steps:
+            last_saved = done
+            checkpoint(done)
+    progress.close()
+    if eval_rows:
+        eval_loss = evaluate(model, eval_rows, collate_fn, loss_fn, accelerator, settings.batch_size)
+        metrics.log({"step": total_steps, "eval_loss": eval_loss})
+        if main:
+            print(f"eval loss: {eval_loss:.4f} ({len(eval_rows)} held-out rows)")
+    path = checkpoint(total_steps) if last_saved != total_steps else ckpt.list_checkpoints(output_dir)[-1][1]
+    return TrainResult(total_steps, last_loss, eval_loss, path, metrics.path, resumed_from=start_step)

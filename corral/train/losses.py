@@ -1,0 +1,21 @@
+"""Losses as pure functions on tensors."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from corral.chat.templates import IGNORE_INDEX
+
+
+def token_nll_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token negative log-likelihood over trained positions only.
+
+    hidden (B, L, H) final hidden states; targets (B, L) the token predicted at each position, or
+    IGNORE_INDEX. Returns (loss_sum (), num_targets ()). The output head runs only where a target
+    exists: logits for untrained positions (the prompt, template text, padding) are never built,
+    which saves most of the (B, L, vocab) memory and time.
+    """
+    trained = targets != IGNORE_INDEX
+    logits = head(hidden[trained]).float()  # (N, vocab)
+    return F.cross_entropy(logits, targets[trained], reduction="sum"), trained.sum()

@@ -1,0 +1,70 @@
+"""Run metrics: one JSON line per logged step, and a loss-curve PNG a person can open."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from corral.atomic import atomic_write_bytes, atomic_write_text
+
+
+class MetricsLog:
+    def __init__(self, output_dir: str | Path, resume_step: int = 0, enabled: bool = True):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        if not enabled:
+            return
+        # A resumed run re-does the steps after its checkpoint: drop their old lines so each step appears once.
+        kept = [r for r in self.read() if r.get("step", 0) <= resume_step] if resume_step else []
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a hard kill
+                continue
+        return rows
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def plot(self, title: str = "") -> Path | None:
+        if not self.enabled:
+            return None
+        return plot_losses(self.read(), self.path.with_name("loss.png"), title)
+
+
+def plot_losses(rows: list[dict], path: Path, title: str = "") -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean per target token)")
+    ax.set_title(title or path.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
