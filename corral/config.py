@@ -167,26 +167,38 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(cls: type[BaseModel], path: str | Path | None = None, overrides: dict[str, Any] | None = None):
-    """Read `path` (YAML), apply dotted `overrides` ({"train.lr": 1e-4}), validate as `cls`."""
+def _read_yaml(path: str | Path) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return tree
+
+
+def _merge(into: dict, other: dict) -> None:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def load_config(cls: type[BaseModel], paths: list[str | Path] | str | Path | None = None,
+                overrides: dict[str, Any] | None = None):
+    """Read YAML files (later ones win), apply dotted `overrides` ({"train.lr": 1e-4}), validate as `cls`."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths or [])
     tree: dict = {}
-    source = "defaults"
-    if path:
-        source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-        try:
-            tree = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    for path in paths:
+        _merge(tree, _read_yaml(path))
     for key, value in (overrides or {}).items():
         set_dotted(tree, key, value)
-    if overrides:
-        source += " + overrides " + ", ".join(overrides)
+    source = " + ".join([str(p) for p in paths] + (["overrides"] if overrides else [])) or "defaults"
     try:
         return cls.model_validate(tree)
     except ValidationError as e:

@@ -44,9 +44,27 @@ class ReadReport:
         return text
 
 
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+
+
+def resolve_data_path(path: str | Path) -> Path:
+    """`builtin:NAME` names a data set shipped with Corral (corral/data/builtin/NAME.jsonl)."""
+    text = str(path)
+    if text.startswith("builtin:"):
+        name = text[len("builtin:") :]
+        found = BUILTIN_DIR / f"{name}.jsonl"
+        if not found.is_file():
+            known = ", ".join(sorted(p.stem for p in BUILTIN_DIR.glob("*.jsonl")))
+            raise DataError(f"{text}: no built-in data set '{name}' (known: {known})")
+        return found
+    if not text:
+        raise DataError("no data path given (set data.path)")
+    return Path(path)
+
+
 def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     """Yield (location, record) pairs; location is `file:line` or `file:record N`."""
-    path = Path(path)
+    path = resolve_data_path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     if path.is_dir():

@@ -1,0 +1,501 @@
+"""Benchmark: Corral's LoRA SFT (packed and unpacked) against TRL's SFTTrainer, same data and shapes.
+
+    python bench/sft.py --steps 20
+
+Three rows, each trained in its own fresh child process, one after the other (never concurrently):
+
+  corral lora packed     corral.recipes.sft.run with data.pack=true
+  corral lora unpacked   the same with data.pack=false
+  trl SFTTrainer lora    trl.SFTTrainer on prompt/completion pairs built from the same conversations
+
+Same model (smollm2-135m), LoRA (r 16, alpha 32, dropout 0, all-linear), sequence length, batch,
+gradient accumulation, optimizer (torch AdamW), learning rate and schedule, precision (fp32 on CPU,
+bf16 on CUDA). Per row: real (non-padding) input tokens per second and trained (target) tokens per
+second over the steps after `--warmup`, and the child's peak RSS (kernel-tracked `ru_maxrss` of that
+one child, from os.wait4), which covers loading, data preparation and training.
+
+Writes bench/results/sft.json (sft-<gpu>.json on CUDA) atomically; `--out` writes elsewhere (smoke
+runs). `python bench/report.py` turns the results into the README's table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # measure this checkout's corral, installed or not
+
+MODEL = "smollm2-135m"
+TEMPLATE = "chatml"
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+WARMUP_RATIO = 0.03  # of the steps, for the learning-rate schedule (Corral's default); TRL gets the same step count
+SEED = 42
+ROWS = {  # key (for --rows and the child) -> row name in the results
+    "corral-packed": "corral lora packed",
+    "corral-unpacked": "corral lora unpacked",
+    "trl": "trl SFTTrainer lora",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per row (default 20)")
+    p.add_argument("--warmup", type=int, default=2, help="first steps left out of the throughput (default 2, at least 1)")
+    p.add_argument("--seq-len", type=int, default=512, help="sequence length: max_len / max_length (default 512)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per micro-batch (default 4)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
+    p.add_argument("--data", default="builtin:corral_identity", help="conversation data (default builtin:corral_identity)")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    p.add_argument("--out", default="", help="results path (default bench/results/sft.json, or sft-<gpu>.json on CUDA)")
+    p.add_argument("--child", choices=sorted(ROWS), help=argparse.SUPPRESS)  # internal: run one row, in this process
+    p.add_argument("--child-result", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.warmup < 1:
+        p.error("--warmup must be at least 1: the timed window starts at the end of a warmup step")
+    if args.steps <= args.warmup:
+        p.error(f"--steps ({args.steps}) must be larger than --warmup ({args.warmup})")
+    unknown = [r for r in args.rows.split(",") if r not in ROWS]
+    if unknown:
+        p.error(f"--rows: unknown {', '.join(unknown)}; known: {', '.join(ROWS)}")
+    return args
+
+
+def on_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def timed_window(step_ends: list[float], tokens: list[int], targets: list[int], warmup: int) -> dict:
+    """Throughput over steps warmup+1..N: `step_ends[k]` is when step k+1 ended (0-based list).
+
+    The window runs from the end of the last warmup step to the end of the last step, so it holds
+    everything done between steps too (data loading, collation, logging), for every row alike.
+    """
+    timed_s = step_ends[-1] - step_ends[warmup - 1]
+    timed_tokens = sum(tokens[warmup:])
+    timed_targets = sum(targets[warmup:])
+    step_s = [b - a for a, b in zip(step_ends[warmup - 1 : -1], step_ends[warmup:])]
+    return {
+        "tokens_per_s": timed_tokens / timed_s,
+        "target_tokens_per_s": timed_targets / timed_s,
+        "steps": len(step_ends),
+        "timed_steps": len(step_ends) - warmup,
+        "timed_s": timed_s,
+        "timed_tokens": timed_tokens,
+        "timed_target_tokens": timed_targets,
+        "median_step_s": statistics.median(step_s),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The rows, each run inside its own child process
+
+
+def run_corral_row(args: argparse.Namespace, pack: bool, workdir: Path) -> dict:
+    from corral.config import DataConfig, LoraConfig, SFTConfig, TrainConfig
+    from corral.recipes import sft
+
+    cuda = on_cuda()
+    cfg = SFTConfig(
+        model=MODEL, template=TEMPLATE, method="lora", output_dir=str(workdir / "run"),
+        dtype="bfloat16" if cuda else "float32",
+        data=DataConfig(path=args.data, pack=pack),
+        train=TrainConfig(
+            max_steps=args.steps, lr=args.lr, batch_size=args.batch, grad_accum=args.grad_accum, max_len=args.seq_len,
+            schedule="cosine", warmup_ratio=WARMUP_RATIO, weight_decay=0.0, max_grad_norm=1.0,
+            mixed_precision="bf16" if cuda else "no", log_every=1, resume="never", seed=SEED,
+        ),
+        lora=LoraConfig(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], target_modules=LORA["target_modules"]),
+    )  # fmt: skip
+    result = sft.run(cfg)
+    records = [json.loads(line) for line in result.train.metrics_path.read_text().splitlines() if line.strip()]
+    steps = sorted((r for r in records if "tokens_per_s" in r), key=lambda r: r["step"])
+    if [r["step"] for r in steps] != list(range(1, args.steps + 1)):
+        raise RuntimeError(f"{result.train.metrics_path}: expected one record per step 1..{args.steps}")
+    # seen_tokens is cumulative, so a step's tokens are the difference; elapsed_s is taken at the
+    # end of each step, after its loss.item() (which waits for the GPU).
+    seen = [0] + [r["seen_tokens"] for r in steps]
+    tokens = [b - a for a, b in zip(seen, seen[1:])]
+    return timed_window([r["elapsed_s"] for r in steps], tokens, [r["target_tokens"] for r in steps], args.warmup)
+
+
+def prompt_completion_pairs(conversations: list, fmt) -> list[dict]:
+    """One pair per conversation: everything before the last assistant reply is the prompt (chatml,
+    ending with the generation prompt), the last reply plus its end-of-turn is the completion."""
+    from corral.chat.conversation import Conversation
+
+    pairs = []
+    for conv in conversations:
+        *before, last = conv.messages
+        if last.role != "assistant":
+            raise ValueError(f"{conv.source}: the conversation does not end with an assistant reply")
+        prompt = fmt.render_text(Conversation(before), add_generation_prompt=True)
+        completion = last.content + "<|im_end|>"
+        # Guard: the pair must be exactly the start of what Corral renders for training.
+        if not fmt.render_text(conv, add_generation_prompt=False).startswith(prompt + completion):
+            raise ValueError(f"{conv.source}: prompt + completion is not a prefix of the chatml rendering")
+        pairs.append({"prompt": prompt, "completion": completion})
+    return pairs
+
+
+def run_trl_row(args: argparse.Namespace, workdir: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from corral.chat.templates import IGNORE_INDEX, get_template
+    from corral.data.formats import read_conversations
+    from corral.models.load import attention_implementation, resolve_model
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    path = resolve_model(MODEL).path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    fmt = get_template(TEMPLATE, tokenizer)
+    tokenizer.chat_template = fmt.chat_template_jinja  # unused for plain-text pairs, but the same template if asked
+    conversations, _ = read_conversations(args.data)
+    dataset = Dataset.from_list(prompt_completion_pairs(conversations, fmt))
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16 if cuda else torch.float32, attn_implementation=attention_implementation(device)
+    )
+
+    class StepClock(TrainerCallback):
+        """Wall-clock time at the end of every optimizer step (after a GPU sync, as Corral's loss.item()).
+
+        Trainer fetches and collates a step's batches before on_step_begin, so begin-to-end would leave
+        out data work that Corral's step time holds; end-to-end windows hold everything, in both.
+        on_step_begin only checks that the steps do not overlap.
+        """
+
+        def __init__(self):
+            self.step_ends: list[float] = []
+            self.step_begins: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.step_begins.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            self.step_ends.append(time.perf_counter())
+
+    class CountingCollator:
+        """TRL's own collator, counting real tokens (attention mask) and trained tokens of each batch."""
+
+        def __init__(self, collate):
+            self.collate = collate
+            self.tokens: list[int] = []
+            self.targets: list[int] = []
+
+        def __call__(self, examples):
+            batch = self.collate(examples)
+            self.tokens.append(int(batch["attention_mask"].sum()))
+            # labels[:, 0] is never predicted (no token before it); Corral counts shifted targets the same way
+            self.targets.append(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))
+            return batch
+
+    config = SFTConfig(
+        output_dir=str(workdir / "run"), max_steps=args.steps, per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler_type="cosine",
+        warmup_steps=round(WARMUP_RATIO * args.steps), weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
+        packing=False, completion_only_loss=True, max_length=args.seq_len,
+        gradient_checkpointing=False, bf16=cuda, use_cpu=not cuda,
+        eval_strategy="no", save_strategy="no", report_to="none", seed=SEED, dataloader_num_workers=0,
+    )  # fmt: skip
+    peft_config = LoraConfig(
+        r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=LORA["target_modules"],
+        task_type="CAUSAL_LM",
+    )  # fmt: skip
+    clock = StepClock()
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
+        callbacks=[clock],
+    )  # fmt: skip
+    counter = CountingCollator(trainer.data_collator)
+    trainer.data_collator = counter  # the train dataloader is built in train(), from this attribute
+    trainer.train()
+    if len(clock.step_ends) != args.steps or len(clock.step_begins) != args.steps:
+        raise RuntimeError(f"TRL ran {len(clock.step_ends)} steps, expected {args.steps}")
+    if any(b < e for b, e in zip(clock.step_begins[1:], clock.step_ends)):
+        raise RuntimeError("TRL steps overlap: a step began before the previous one ended")
+    # Batches are collated in training order (possibly one ahead): micro-batch i belongs to step i // accum.
+    accum = args.grad_accum
+    n = args.steps * accum
+    tokens = [sum(counter.tokens[s * accum : (s + 1) * accum]) for s in range(args.steps)]
+    targets = [sum(counter.targets[s * accum : (s + 1) * accum]) for s in range(args.steps)]
+    if len(counter.tokens) < n:
+        raise RuntimeError(f"counted {len(counter.tokens)} batches, expected at least {n}")
+    return timed_window(clock.step_ends, tokens, targets, args.warmup)
+
+
+def child_main(args: argparse.Namespace) -> None:
+    import resource
+
+    with tempfile.TemporaryDirectory(prefix=f"bench-sft-{args.child}-") as workdir:
+        if args.child == "trl":
+            row = run_trl_row(args, Path(workdir))
+        else:
+            row = run_corral_row(args, pack=args.child == "corral-packed", workdir=Path(workdir))
+    row["self_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if on_cuda():
+        import torch
+
+        row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    Path(args.child_result).write_text(json.dumps(row))
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent: one fresh child per row, setup facts, results file, table
+
+
+def run_child(key: str, args: argparse.Namespace, argv: list[str], workdir: Path) -> dict:
+    """Run one row in a fresh child; its peak RSS comes from os.wait4 (that child alone, kernel-tracked)."""
+    result_path = workdir / f"{key}.json"
+    log_path = workdir / f"{key}.log"
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", key, "--child-result", str(result_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)  # tell Popen it was reaped
+    wall = time.perf_counter() - started
+    if child.returncode != 0 or not result_path.is_file():
+        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-40:])
+        raise SystemExit(f"row {ROWS[key]!r} failed (exit {child.returncode}); last lines of its output:\n{tail}")
+    row = {"name": ROWS[key], **json.loads(result_path.read_text())}
+    row["peak_rss_mb"] = usage.ru_maxrss / 1024  # KiB on Linux
+    row["process_wall_s"] = wall
+    return row
+
+
+def data_facts(args: argparse.Namespace) -> dict:
+    """What each row trains on, counted with the same tokenizer and template the rows use."""
+    from corral.chat.templates import get_template
+    from corral.data.clean import conversations_to_samples
+    from corral.data.formats import read_conversations
+    from corral.data.pack import pack_rows
+    from corral.models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(MODEL)
+    fmt = get_template(TEMPLATE, tokenizer)
+    conversations, _ = read_conversations(args.data)
+    samples, split = conversations_to_samples(conversations, fmt, args.seq_len)
+    pairs = prompt_completion_pairs(conversations, fmt)
+    trl_tokens = trl_targets = trl_truncated = 0
+    for pair in pairs:
+        n_prompt = len(tokenizer(pair["prompt"], add_special_tokens=False)["input_ids"])
+        n_all = len(tokenizer(pair["prompt"] + pair["completion"], add_special_tokens=False)["input_ids"])
+        trl_truncated += n_all > args.seq_len
+        trl_tokens += min(n_all, args.seq_len)
+        trl_targets += max(0, min(n_all, args.seq_len) - n_prompt)
+    return {
+        "conversations": len(conversations),
+        "multi_turn": sum(len(c.turns) > 2 for c in conversations),
+        "corral_samples": len(samples),
+        "corral_split": split.split,
+        "corral_truncated": split.truncated,
+        "corral_tokens": sum(len(s.input_ids) for s in samples),
+        "corral_targets": sum(s.num_targets for s in samples),
+        "corral_packed_rows": len(pack_rows(samples, args.seq_len)),
+        "trl_pairs": len(pairs),
+        "trl_truncated": trl_truncated,
+        "trl_tokens": trl_tokens,
+        "trl_targets": trl_targets,
+    }
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__.split("+")[0],
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("corral", "transformers", "peft", "accelerate", "trl", "datasets"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def gpu_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def safe_ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def make_ratios(rows: dict[str, dict]) -> dict:
+    get = lambda key, field: rows.get(ROWS[key], {}).get(field)  # noqa: E731
+    pairs = {
+        "corral packed/trl tokens_per_s": ("corral-packed", "trl", "tokens_per_s"),
+        "corral unpacked/trl tokens_per_s": ("corral-unpacked", "trl", "tokens_per_s"),
+        "corral packed/trl target_tokens_per_s": ("corral-packed", "trl", "target_tokens_per_s"),
+        "corral unpacked/trl target_tokens_per_s": ("corral-unpacked", "trl", "target_tokens_per_s"),
+        "corral packed/trl peak_rss": ("corral-packed", "trl", "peak_rss_mb"),
+        "corral unpacked/trl peak_rss": ("corral-unpacked", "trl", "peak_rss_mb"),
+        "packed/unpacked tokens_per_s": ("corral-packed", "corral-unpacked", "tokens_per_s"),
+        "packed/unpacked target_tokens_per_s": ("corral-packed", "corral-unpacked", "target_tokens_per_s"),
+    }
+    ratios = {name: safe_ratio(get(a, field), get(b, field)) for name, (a, b, field) in pairs.items()}
+    return {name: value for name, value in ratios.items() if value is not None}
+
+
+def setup_notes(args: argparse.Namespace, facts: dict, cuda: bool) -> str:
+    precision = "bf16 weights and autocast (CUDA)" if cuda else "fp32 on CPU"
+    return (
+        f"Data: {args.data}, {facts['conversations']} conversations ({facts['multi_turn']} multi-turn), rendered with "
+        f"the chatml template (no default system prompt) for every row. Corral trains every assistant reply: "
+        f"{facts['corral_samples']} samples, {facts['corral_tokens']} tokens, {facts['corral_targets']} trained "
+        f"({facts['corral_split']} conversations split at turn boundaries, {facts['corral_truncated']} truncated at "
+        f"seq_len); packed, they fill {facts['corral_packed_rows']} rows of at most {args.seq_len} tokens. "
+        f"TRL gets one prompt/completion pair per conversation (its assistant_only_loss refuses SmolLM2's template): "
+        f"prompt = the chatml rendering up to and including '<|im_start|>assistant\\n' of the last reply (for "
+        f"multi-turn conversations, every earlier turn is prompt), completion = last reply + '<|im_end|>'; "
+        f"{facts['trl_pairs']} pairs, {facts['trl_tokens']} tokens, {facts['trl_targets']} trained "
+        f"({facts['trl_truncated']} truncated at max_length). So TRL trains fewer tokens per conversation (only the "
+        f"last reply), and Corral's sequences carry one more untrained token (the newline after '<|im_end|>'). "
+        f"Each row runs in its own fresh child process, one after the other; {precision}; attention sdpa "
+        f"(flash-attention-2 where Corral would pick it). Same LoRA, lr {args.lr}, cosine schedule with "
+        f"{round(WARMUP_RATIO * args.steps)} warmup steps, torch AdamW (TRL's optim='adamw_torch'; its default is the "
+        f"fused variant), weight decay 0, grad clip 1.0, seed {SEED}, gradient checkpointing off in every row (TRL "
+        f"defaults it on; turned off to match Corral's default). Data order: each framework's own seeded shuffle. "
+        f"TRL otherwise at its defaults: no packing, completion_only_loss, padding to the longest in the batch, "
+        f"fused LM-head loss with per-step entropy/accuracy metrics; no eval, no saving, report_to none. "
+        f"Throughput: the first {args.warmup} steps are left out; tokens_per_s = real (non-padding) input tokens of "
+        f"the timed steps / wall time from the end of the last warmup step to the end of the last step (so data "
+        f"loading and logging between steps count); target_tokens_per_s = trained tokens over the same time. Corral: "
+        f"from its metrics.jsonl (seen_tokens, target_tokens, elapsed_s per step). TRL: a TrainerCallback stamps "
+        f"on_step_end{' after torch.cuda.synchronize()' if cuda else ''}; a wrapper around TRL's collator counts "
+        f"attention-mask and label tokens per batch. peak_rss_mb: ru_maxrss of the row's child process (os.wait4), "
+        f"which includes model loading and data preparation."
+    )
+
+
+def print_table(results: dict) -> None:
+    setup, machine = results["setup"], results["machine"]
+    where = f"{machine['cpu']}, {machine['cores']} cores" + (f", GPU {machine['gpu']}" if machine["gpu"] else "")
+    print(f"\nSFT throughput, {setup['model']} LoRA r{setup['lora']['r']}, seq_len {setup['seq_len']}, batch "
+          f"{setup['batch']} x accum {setup['grad_accum']}, {setup['dtype']}; {setup['steps_timed']} timed steps "
+          f"after {setup['warmup']} warmup; on {where}, torch {machine['torch']}")  # fmt: skip
+    header = f"{'row':<24} {'tokens/s':>10} {'trained tok/s':>14} {'peak RSS MB':>12} {'median step s':>14}"
+    print(header)
+    print("-" * len(header))
+    for row in results["rows"]:
+        print(f"{row['name']:<24} {row['tokens_per_s']:>10.1f} {row['target_tokens_per_s']:>14.1f} "
+              f"{row['peak_rss_mb']:>12.0f} {row['median_step_s']:>14.3f}")  # fmt: skip
+    for name, value in results["ratios"].items():
+        print(f"  {name:<42} {value:.2f}")
+    print("tokens/s: real (non-padding) input tokens / wall time of the timed steps; trained tok/s: target tokens; "
+          "peak RSS: each row's own child process.")  # fmt: skip
+
+
+def atomic_write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.child:
+        child_main(args)
+        return 0
+
+    from corral.models.load import resolve_model
+
+    resolve_model(MODEL)  # converts the GGUF once, here, so no row pays for (or measures) the conversion
+    cuda = on_cuda()
+    machine = machine_info()
+    out = Path(args.out) if args.out else REPO / "bench" / "results" / (
+        f"sft-{gpu_slug(machine['gpu'])}.json" if cuda else "sft.json"
+    )  # fmt: skip
+    facts = data_facts(args)
+    keys = args.rows.split(",")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-sft-") as workdir:
+        for key in keys:
+            print(f"[bench] {ROWS[key]}: {args.steps} steps in a fresh process ...", flush=True)
+            row = run_child(key, args, argv, Path(workdir))
+            print(f"[bench] {ROWS[key]}: {row['tokens_per_s']:.1f} tokens/s, peak RSS {row['peak_rss_mb']:.0f} MB "
+                  f"({row['process_wall_s']:.0f} s in all)", flush=True)  # fmt: skip
+            rows.append(row)
+    ordered = [
+        {k: row[k] for k in ("name", "tokens_per_s", "target_tokens_per_s", "peak_rss_mb", "steps")}
+        | {k: v for k, v in row.items() if k not in ("name", "tokens_per_s", "target_tokens_per_s", "peak_rss_mb", "steps")}
+        for row in rows
+    ]
+    results = {
+        "command": shlex.join(["python", "bench/sft.py", *argv]),
+        "date": datetime.date.today().isoformat(),
+        "machine": machine,
+        "setup": {
+            "model": MODEL,
+            "seq_len": args.seq_len,
+            "batch": args.batch,
+            "grad_accum": args.grad_accum,
+            "lora": LORA,
+            "dtype": "bf16" if cuda else "fp32",
+            "lr": args.lr,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "steps_timed": args.steps - args.warmup,
+            "data": args.data,
+            "data_facts": facts,
+            "versions": versions(),
+            "notes": setup_notes(args, facts, cuda),
+        },
+        "rows": ordered,
+        "ratios": make_ratios({row["name"]: row for row in rows}),
+    }
+    atomic_write_json(out, results)
+    print_table(results)
+    print(f"\nwrote {out}" + ("" if args.out else "; run python bench/report.py to update README.md"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""`corral <command> --config FILE.yaml key.sub=value --key.sub value ...`
+
+One subcommand per recipe, nothing else. Overrides are dotted config keys; a few commands accept
+short aliases (`--data` for `data.path`). The resolved config is validated, printed and saved by
+the recipe.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from corral.config import (
+    ConfigError,
+    InspectConfig,
+    MergeConfig,
+    QuickstartConfig,
+    SFTConfig,
+    load_config,
+    parse_value,
+    shipped_config,
+)
+
+
+@dataclass(frozen=True)
+class Command:
+    config: type[BaseModel]
+    run: str  # "module:function", imported only when the command runs (keeps --help fast)
+    help: str
+    aliases: dict[str, str] = field(default_factory=dict)
+    default_config: str | None = None  # shipped YAML applied before --config and overrides
+    positional: str | None = None  # config key set by a bare positional argument
+
+
+COMMANDS: dict[str, Command] = {
+    "quickstart": Command(
+        QuickstartConfig, "corral.recipes.quickstart:run",
+        "LoRA SFT of the embedded model on Corral's identity data; answers before and after",
+        default_config="quickstart.yaml",
+    ),
+    "sft": Command(
+        SFTConfig, "corral.recipes.sft:run",
+        "supervised fine-tuning: full, LoRA, QLoRA or prefix tuning on conversations",
+        aliases={"--data": "data.path"},
+    ),
+    "merge": Command(
+        MergeConfig, "corral.recipes.merge:run",
+        "fold a LoRA adapter into its base model and write a plain HF folder",
+        aliases={"--output": "output_dir"}, positional="adapter",
+    ),
+    "data inspect": Command(
+        InspectConfig, "corral.recipes.data:run",
+        "show samples as training renders them (trained tokens highlighted) and token counts",
+        aliases={"--data": "data.path"}, positional="data.path",
+    ),
+}  # fmt: skip
+
+
+def usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: corral <command> [--config FILE.yaml] [key.sub=value | --key.sub value ...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {cmd.help}" for name, cmd in COMMANDS.items()]
+    lines += ["", "`corral <command> --help` lists the command's config keys with their defaults."]
+    return "\n".join(lines)
+
+
+def describe_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
+    lines = []
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines += describe_fields(annotation, key + ".")
+            continue
+        default = "(required)" if info.is_required() else repr(info.get_default(call_default_factory=True))
+        lines.append(f"  {key} = {default}" + (f"\n      {info.description}" if info.description else ""))
+    return lines
+
+
+def parse_args(name: str, cmd: Command, args: list[str]) -> tuple[list[str], dict]:
+    config_files: list[str] = []
+    overrides: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--config":
+            if i + 1 >= len(args):
+                raise ConfigError("--config needs a file")
+            config_files.append(args[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            config_files.append(arg.split("=", 1)[1])
+        elif arg.startswith("--"):
+            key, eq, value = arg.partition("=")
+            if not eq:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"{key} needs a value")
+                value = args[i + 1]
+                i += 1
+            key = cmd.aliases.get(key, key[2:].replace("-", "_"))
+            overrides[key] = parse_value(value)
+        elif "=" in arg:
+            key, _, value = arg.partition("=")
+            overrides[key] = parse_value(value)
+        elif cmd.positional and cmd.positional not in overrides:
+            overrides[cmd.positional] = arg
+        else:
+            raise ConfigError(f"unexpected argument '{arg}' (overrides are key=value or --key value)")
+        i += 1
+    return config_files, overrides
+
+
+def resolve_config_path(text: str) -> Path:
+    path = Path(text)
+    if not path.exists() and shipped_config(text).is_file():
+        return shipped_config(text)  # `--config sft_lora.yaml` finds the shipped recipe
+    return path
+
+
+def build_config(cmd: Command, config_files: list[str], overrides: dict):
+    files = ([shipped_config(cmd.default_config)] if cmd.default_config else []) + [
+        resolve_config_path(f) for f in config_files
+    ]
+    return load_config(cmd.config, files, overrides)
+
+
+def quiet_libraries() -> None:
+    logging.basicConfig(level=logging.INFO, format="corral: %(message)s")
+    for noisy in ("transformers", "accelerate", "peft", "datasets", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|peft|torch|bitsandbytes)")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name = argv[0]
+    rest = argv[1:]
+    if name not in COMMANDS and rest and f"{name} {rest[0]}" in COMMANDS:
+        name, rest = f"{name} {rest[0]}", rest[1:]
+    if name not in COMMANDS:
+        print(f"corral: unknown command '{' '.join(argv[:2]) if argv[0] == 'data' else name}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    cmd = COMMANDS[name]
+    if any(a in ("-h", "--help") for a in rest):
+        print(f"corral {name}: {cmd.help}\n\nconfig keys (set with key=value or --key value):")
+        print("\n".join(describe_fields(cmd.config)))
+        return 0
+    from corral.chat.templates import TemplateError
+    from corral.data.formats import DataError
+    from corral.models.load import ModelLoadError
+
+    try:
+        config = build_config(cmd, *parse_args(name, cmd, rest))
+    except ConfigError as e:
+        print(f"corral {name}: {e}", file=sys.stderr)
+        return 2
+    quiet_libraries()
+    module_name, func = cmd.run.split(":")
+    run = getattr(importlib.import_module(module_name), func)
+    try:
+        run(config)
+    except (DataError, TemplateError, ModelLoadError, FileNotFoundError, ValueError) as e:
+        print(f"corral {name}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

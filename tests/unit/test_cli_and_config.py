@@ -1,0 +1,86 @@
+"""The CLI: commands listed, configs validated with the key named, resolved config printed and saved."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from corral.cli import COMMANDS, main
+from corral.config import ConfigError, SFTConfig, load_config, parse_value
+
+
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name, cmd in COMMANDS.items():
+        assert name in out and cmd.help in out
+
+
+def test_command_help_lists_config_keys(capsys):
+    assert main(["sft", "--help"]) == 0
+    out = capsys.readouterr().out
+    for key in ("model", "template", "data.path", "output_dir", "train.max_steps", "train.epochs", "train.lr",
+                "train.batch_size", "train.grad_accum", "train.max_len", "train.save_every", "train.resume", "lora.r"):
+        assert f"  {key} = " in out, key
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train.lr=abc"], "train.lr: Input should be a valid number"),
+        (["train.nope=1"], "train.nope: unknown key"),
+        (["--lora.rank", "8"], "lora.rank: unknown key"),
+        (["method=dora"], "method: Input should be"),
+        (["--config", "missing.yaml"], "cannot read config file missing.yaml"),
+    ],
+)
+def test_bad_config_is_an_error_naming_the_key(args, message, capsys):
+    assert main(["sft", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"lr": 0.1, "batch_size": 3}, "data": {"path": "x.jsonl"}}))
+    cfg = load_config(SFTConfig, path, {"train.lr": parse_value("1e-4"), "lora.target_modules": parse_value("[q_proj, v_proj]")})
+    assert cfg.train.lr == 1e-4 and cfg.train.batch_size == 3 and cfg.data.path == "x.jsonl"
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match="c.yaml"):
+        load_config(SFTConfig, path, {"train.batch_size": 0})
+
+
+def test_shipped_configs_are_valid():
+    from corral.cli import resolve_config_path
+
+    for name in ("sft_lora.yaml", "sft_full.yaml", "sft_qlora.yaml", "sft_prefix.yaml"):
+        cfg = load_config(SFTConfig, resolve_config_path(name))
+        assert cfg.model == "smollm2-135m"
+
+
+def test_console_script_runs_sft_prints_and_saves_resolved_config(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "corral.cli", "sft", f"--model={tiny_model_dir}", "--data", "builtin:corral_identity",
+         f"output_dir={out}", "train.max_steps=2", "train.max_len=96", "--train.lr", "3e-4"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resolved config" in proc.stdout and "lr: 0.0003" in proc.stdout
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["lr"] == 3e-4 and saved["train"]["max_steps"] == 2 and saved["model"] == str(tiny_model_dir)
+    assert (out / "model" / "adapter_config.json").is_file()
+
+
+def test_data_inspect_highlights_and_counts(tiny_model_dir, capsys):
+    assert main(["data", "inspect", "builtin:corral_identity", "--model", str(tiny_model_dir),
+                 "--template", "chatml", "--num_samples", "2"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "token counts" in out and "trained" in out and "<|im_start|>assistant" in out
+
+
+def test_unreadable_data_is_reported_with_its_place(tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}\n')
+    assert main(["data", "inspect", str(bad), "--model", str(tiny_model_dir)]) == 1
+    assert f"{bad}:1: field 'messages[1].role': unknown role 'bot'" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+"""The training loop's invariants: accumulation, token normalisation, optimizers, schedule, outputs."""
+
+import json
+
+import pytest
+import torch
+
+from corral.chat.conversation import Conversation
+from corral.chat.templates import get_template
+from corral.config import TrainConfig
+from corral.data.clean import conversations_to_samples
+from corral.data.pack import collate, single_rows
+from corral.recipes.sft import sft_loss
+from corral.train.loop import StepPlan, make_accelerator, train
+from corral.train.optim import Lion, make_optimizer
+from tests.conftest import build_model
+
+
+def rows_for(tokenizer, n=8):
+    fmt = get_template("chatml", tokenizer)
+    # Different reply lengths, so per-micro-batch averaging would weight tokens differently.
+    convs = [Conversation.from_pairs(("user", f"Question {i}?"), ("assistant", "yes " * (1 + 5 * i))) for i in range(n)]
+    samples, _ = conversations_to_samples(convs, fmt, 256)
+    return single_rows(samples)
+
+
+def run_steps(tokenizer, tmp_path, name, steps=1, **train_kwargs):
+    torch.manual_seed(0)
+    model = build_model(len(tokenizer))
+    settings = TrainConfig(max_steps=steps, lr=1e-2, warmup_ratio=0, schedule="constant", resume="never",
+                           max_grad_norm=0, **train_kwargs)  # fmt: skip
+    result = train(
+        model, rows_for(tokenizer), collate_fn=lambda r: collate(r, tokenizer.pad_token_id), loss_fn=sft_loss,
+        settings=settings, output_dir=tmp_path / name, save_model=lambda m, p: m.save_pretrained(p),
+        accelerator=make_accelerator("no"),
+    )  # fmt: skip
+    return model, result
+
+
+def test_batch1_accum8_equals_batch8_accum1(tiny_tokenizer, tmp_path):
+    a, ra = run_steps(tiny_tokenizer, tmp_path, "a", batch_size=1, grad_accum=8)
+    b, rb = run_steps(tiny_tokenizer, tmp_path, "b", batch_size=8, grad_accum=1)
+    assert ra.last_loss == pytest.approx(rb.last_loss, abs=1e-6)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6), name
+
+
+def test_step_plan_is_deterministic_and_covers_every_row():
+    plan = StepPlan(num_rows=10, batch_size=2, grad_accum=1, world_size=1, seed=3)
+    first_epoch = [r for s in range(5) for r in plan.step_rows(s)]
+    assert sorted(first_epoch) == list(range(10))
+    assert StepPlan(10, 2, 1, 1, 3).step_rows(7) == plan.step_rows(7)
+    assert plan.total_steps(0, 2.0) == 10 and plan.total_steps(3, 2.0) == 3
+    # Two processes split one step's rows; together they are the single-process step.
+    two = StepPlan(num_rows=10, batch_size=1, grad_accum=2, world_size=2, seed=3)
+    one = StepPlan(num_rows=10, batch_size=2, grad_accum=2, world_size=1, seed=3)
+    both = [r for rank in range(2) for mb in two.micro_batches(4, rank) for r in mb]
+    assert both == [r for mb in one.micro_batches(4, 0) for r in mb]
+
+
+def test_metrics_and_loss_curve_are_written(tiny_tokenizer, tmp_path):
+    _, result = run_steps(tiny_tokenizer, tmp_path, "m", steps=3, batch_size=2, save_every=1, save_total_limit=2)
+    rows = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "seen_tokens", "elapsed_s"):
+        assert all(key in r for r in rows), key
+    assert rows[2]["seen_tokens"] > rows[0]["seen_tokens"]
+    assert (tmp_path / "m" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    kept = sorted(p.name for p in (tmp_path / "m" / "checkpoints").iterdir())
+    assert kept == ["step-000002", "step-000003"]  # save_total_limit=2 keeps the newest
+
+
+def test_lion_keeps_one_state_and_moves_by_sign():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    opt = Lion([w], lr=0.1, betas=(0.9, 0.99), weight_decay=0.0)
+    w.grad = torch.tensor([0.5, -0.1, 0.0])
+    opt.step()
+    assert torch.allclose(w.detach(), torch.tensor([0.9, -1.9, 3.0]))
+    assert list(opt.state[w]) == ["exp_avg"]
+    adam = make_optimizer([torch.nn.Parameter(torch.zeros(3))], "adamw", 1e-3, 0.0, (0.9, 0.999))
+    assert isinstance(adam, torch.optim.AdamW)
+
+
+def test_lion_trains_the_loop(tiny_tokenizer, tmp_path):
+    _, result = run_steps(tiny_tokenizer, tmp_path, "lion", steps=6, batch_size=8, optimizer="lion")
+    rows = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_cosine_schedule_warms_up_and_decays(tiny_tokenizer, tmp_path):
+    torch.manual_seed(0)
+    settings = TrainConfig(max_steps=10, lr=1e-3, warmup_ratio=0.2, schedule="cosine", resume="never", batch_size=2)
+    model = build_model(len(tiny_tokenizer))
+    result = train(
+        model, rows_for(tiny_tokenizer), collate_fn=lambda r: collate(r, tiny_tokenizer.pad_token_id),
+        loss_fn=sft_loss, settings=settings, output_dir=tmp_path / "c", save_model=lambda m, p: m.save_pretrained(p),
+        accelerator=make_accelerator("no"),
+    )  # fmt: skip
+    lrs = [json.loads(line)["lr"] for line in result.metrics_path.read_text().splitlines()]
+    assert lrs[0] < lrs[1] == pytest.approx(1e-3) and lrs[-1] < lrs[4] < lrs[2]
