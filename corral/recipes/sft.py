@@ -100,7 +100,8 @@ def run(cfg: SFTConfig) -> SFTResult:
         log(f"eval: {eval_split.summary()}")
     n_tokens = sum(len(r.input_ids) for r in rows)
     n_targets = sum(r.num_targets for r in rows)
-    log(f"{len(rows)} rows ({'packed' if pack else 'one sample each'}), {n_tokens} tokens, {n_targets} trained")
+    log(f"{len(rows)} rows ({'packed' if pack else 'one sample each'}), {n_tokens} tokens, {n_targets} trained; "
+        f"world size {accelerator.num_processes}")
 
     model = prepare_model(cfg, accelerator.device)
     trainable, total = trainable_parameter_count(model)

@@ -31,7 +31,9 @@ def make_accelerator(mixed_precision: str = "auto"):
 
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=mixed_precision)
+    # cpu=True on a machine without CUDA: accelerate then sets up multi-process CPU runs (gloo) when
+    # launched with several processes; without it each process would think it runs alone.
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
 @dataclass

@@ -30,12 +30,15 @@ def test_two_processes_match_one_with_same_global_batch(tiny_model_dir, tmp_path
     single = subprocess.run([sys.executable, "-m", "corral.cli", *args(tiny_model_dir, tmp_path / "one", 4)],
                             capture_output=True, text=True)  # fmt: skip
     assert single.returncode == 0, single.stderr[-2000:]
-    launch = ["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+    # `--multi_gpu` is accelerate's multi-process launcher (torchrun); without GPUs it runs MULTI_CPU on gloo.
+    # (`--cpu --num_processes 2` would silently start a single process.)
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "corral.cli"]  # fmt: skip
     multi = subprocess.run([*launch, *args(tiny_model_dir, tmp_path / "two", 2)], capture_output=True, text=True)
     assert multi.returncode == 0, multi.stderr[-3000:]
     one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
     assert len(one) == len(two) == 4
+    assert "world size 2" in multi.stdout  # really two processes
     assert two == pytest.approx(one, abs=1e-5)
     assert one[-1] < one[0]
     # Both wrote one standard model folder, loadable without Corral.

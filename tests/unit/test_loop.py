@@ -27,8 +27,8 @@ def rows_for(tokenizer, n=8):
 def run_steps(tokenizer, tmp_path, name, steps=1, **train_kwargs):
     torch.manual_seed(0)
     model = build_model(len(tokenizer))
-    settings = TrainConfig(max_steps=steps, lr=1e-2, warmup_ratio=0, schedule="constant", resume="never",
-                           max_grad_norm=0, **train_kwargs)  # fmt: skip
+    train_kwargs.setdefault("max_grad_norm", 0)
+    settings = TrainConfig(max_steps=steps, lr=1e-2, warmup_ratio=0, schedule="constant", resume="never", **train_kwargs)
     result = train(
         model, rows_for(tokenizer), collate_fn=lambda r: collate(r, tokenizer.pad_token_id), loss_fn=sft_loss,
         settings=settings, output_dir=tmp_path / name, save_model=lambda m, p: m.save_pretrained(p),
@@ -38,11 +38,17 @@ def run_steps(tokenizer, tmp_path, name, steps=1, **train_kwargs):
 
 
 def test_batch1_accum8_equals_batch8_accum1(tiny_tokenizer, tmp_path):
-    a, ra = run_steps(tiny_tokenizer, tmp_path, "a", batch_size=1, grad_accum=8)
-    b, rb = run_steps(tiny_tokenizer, tmp_path, "b", batch_size=8, grad_accum=1)
-    assert ra.last_loss == pytest.approx(rb.last_loss, abs=1e-6)
+    # The rows have different numbers of target tokens, so averaging per micro-batch would differ.
+    # A huge clip threshold makes the loop report the true gradient norm without changing it.
+    a, ra = run_steps(tiny_tokenizer, tmp_path, "a", steps=2, batch_size=1, grad_accum=8, max_grad_norm=1e9)
+    b, rb = run_steps(tiny_tokenizer, tmp_path, "b", steps=2, batch_size=8, grad_accum=1, max_grad_norm=1e9)
+    rows_a = [json.loads(line) for line in ra.metrics_path.read_text().splitlines()]
+    rows_b = [json.loads(line) for line in rb.metrics_path.read_text().splitlines()]
+    for x, y in zip(rows_a, rows_b):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        assert torch.allclose(pa, pb, atol=1e-6), name
+        assert torch.allclose(pa, pb, atol=1e-4), name  # Adam divides by tiny gradients: float noise is amplified
 
 
 def test_step_plan_is_deterministic_and_covers_every_row():
