@@ -88,3 +88,15 @@ def test_merge_folds_adapter_into_identical_plain_model(tiny_model_dir, tmp_path
         assert torch.allclose(merged(ids).logits, peft_model(ids).logits, atol=1e-4)
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
     assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_gradient_checkpointing_gives_the_same_losses(tiny_model_dir, tmp_path, method):
+    plain = losses_of(run_sft(tiny_model_dir, tmp_path / "plain", method, steps=3, gradient_checkpointing=False))
+    ckpt = losses_of(run_sft(tiny_model_dir, tmp_path / "ckpt", method, steps=3, gradient_checkpointing=True))
+    assert ckpt == pytest.approx(plain, abs=1e-5)
+    assert len(plain) == 3
+
+
+def losses_of(result):
+    return [r["loss"] for r in map(json.loads, result.train.metrics_path.read_text().splitlines()) if "loss" in r]
