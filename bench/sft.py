@@ -50,14 +50,14 @@ ROWS = {  # key (for --rows and the child) -> row name in the results
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per row (default 20)")
-    p.add_argument("--warmup", type=int, default=2, help="first steps left out of the throughput (default 2, at least 1)")
+    p.add_argument("--warmup", type=int, default=2, help="first steps not timed (default 2, at least 1)")
     p.add_argument("--seq-len", type=int, default=512, help="sequence length: max_len / max_length (default 512)")
     p.add_argument("--batch", type=int, default=4, help="sequences per micro-batch (default 4)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
-    p.add_argument("--data", default="builtin:corral_identity", help="conversation data (default builtin:corral_identity)")
+    p.add_argument("--data", default="builtin:corral_identity", help="conversations (default: %(default)s)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     p.add_argument("--out", default="", help="results path (default bench/results/sft.json, or sft-<gpu>.json on CUDA)")
     p.add_argument("--child", choices=sorted(ROWS), help=argparse.SUPPRESS)  # internal: run one row, in this process
@@ -98,6 +98,7 @@ def timed_window(step_ends: list[float], tokens: list[int], targets: list[int], 
         "timed_tokens": timed_tokens,
         "timed_target_tokens": timed_targets,
         "median_step_s": statistics.median(step_s),
+        "tokens_per_step": timed_tokens / (len(step_ends) - warmup),  # peak memory follows this, not tokens/s
     }
 
 
@@ -119,7 +120,9 @@ def run_corral_row(args: argparse.Namespace, pack: bool, workdir: Path) -> dict:
             schedule="cosine", warmup_ratio=WARMUP_RATIO, weight_decay=0.0, max_grad_norm=1.0,
             mixed_precision="bf16" if cuda else "no", log_every=1, resume="never", seed=SEED,
         ),
-        lora=LoraConfig(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], target_modules=LORA["target_modules"]),
+        lora=LoraConfig(
+            r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], target_modules=LORA["target_modules"]
+        ),
     )  # fmt: skip
     result = sft.run(cfg)
     records = [json.loads(line) for line in result.train.metrics_path.read_text().splitlines() if line.strip()]
@@ -217,7 +220,7 @@ def run_trl_row(args: argparse.Namespace, workdir: Path) -> dict:
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler_type="cosine",
         warmup_steps=round(WARMUP_RATIO * args.steps), weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
         packing=False, completion_only_loss=True, max_length=args.seq_len,
-        gradient_checkpointing=False, bf16=cuda, use_cpu=not cuda,
+        activation_checkpointing=False, bf16=cuda, use_cpu=not cuda,  # the new name of gradient_checkpointing
         eval_strategy="no", save_strategy="no", report_to="none", seed=SEED, dataloader_num_workers=0,
     )  # fmt: skip
     peft_config = LoraConfig(
@@ -406,7 +409,8 @@ def setup_notes(args: argparse.Namespace, facts: dict, cuda: bool) -> str:
         f"from its metrics.jsonl (seen_tokens, target_tokens, elapsed_s per step). TRL: a TrainerCallback stamps "
         f"on_step_end{' after torch.cuda.synchronize()' if cuda else ''}; a wrapper around TRL's collator counts "
         f"attention-mask and label tokens per batch. peak_rss_mb: ru_maxrss of the row's child process (os.wait4), "
-        f"which includes model loading and data preparation."
+        f"which includes model loading and data preparation. Peak memory grows with the tokens in a step: a packed "
+        f"step holds about batch x seq_len tokens, an unpacked one batch x its longest sample (see tokens_per_step)."
     )
 
 
@@ -416,12 +420,13 @@ def print_table(results: dict) -> None:
     print(f"\nSFT throughput, {setup['model']} LoRA r{setup['lora']['r']}, seq_len {setup['seq_len']}, batch "
           f"{setup['batch']} x accum {setup['grad_accum']}, {setup['dtype']}; {setup['steps_timed']} timed steps "
           f"after {setup['warmup']} warmup; on {where}, torch {machine['torch']}")  # fmt: skip
-    header = f"{'row':<24} {'tokens/s':>10} {'trained tok/s':>14} {'peak RSS MB':>12} {'median step s':>14}"
+    titles = ("tokens/s", "trained tok/s", "peak RSS MB", "tokens/step", "median step s")
+    header = f"{'row':<24} " + " ".join(f"{t:>14}" for t in titles)
     print(header)
     print("-" * len(header))
     for row in results["rows"]:
-        print(f"{row['name']:<24} {row['tokens_per_s']:>10.1f} {row['target_tokens_per_s']:>14.1f} "
-              f"{row['peak_rss_mb']:>12.0f} {row['median_step_s']:>14.3f}")  # fmt: skip
+        print(f"{row['name']:<24} {row['tokens_per_s']:>14.1f} {row['target_tokens_per_s']:>14.1f} "
+              f"{row['peak_rss_mb']:>14.0f} {row['tokens_per_step']:>14.0f} {row['median_step_s']:>14.3f}")  # fmt: skip
     for name, value in results["ratios"].items():
         print(f"  {name:<42} {value:.2f}")
     print("tokens/s: real (non-padding) input tokens / wall time of the timed steps; trained tok/s: target tokens; "
@@ -463,11 +468,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] {ROWS[key]}: {row['tokens_per_s']:.1f} tokens/s, peak RSS {row['peak_rss_mb']:.0f} MB "
                   f"({row['process_wall_s']:.0f} s in all)", flush=True)  # fmt: skip
             rows.append(row)
-    ordered = [
-        {k: row[k] for k in ("name", "tokens_per_s", "target_tokens_per_s", "peak_rss_mb", "steps")}
-        | {k: v for k, v in row.items() if k not in ("name", "tokens_per_s", "target_tokens_per_s", "peak_rss_mb", "steps")}
-        for row in rows
-    ]
+    first = ("name", "tokens_per_s", "target_tokens_per_s", "peak_rss_mb", "steps")  # the schema's fields, then extras
+    ordered = [{k: row[k] for k in first} | {k: v for k, v in row.items() if k not in first} for row in rows]
     results = {
         "command": shlex.join(["python", "bench/sft.py", *argv]),
         "date": datetime.date.today().isoformat(),
