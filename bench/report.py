@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from corral.atomic import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
@@ -121,15 +123,6 @@ def replace_section(text: str, body: str, where: str) -> str:
             f"(found {len(starts)} start and {len(ends)} end markers)"
         )
     return "".join(lines[: starts[0] + 1]) + body.rstrip("\n") + "\n" + "".join(lines[ends[0] :])
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -433,16 +433,6 @@ def print_table(results: dict) -> None:
           "peak RSS: each row's own child process.")  # fmt: skip
 
 
-def atomic_write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -493,7 +483,9 @@ def main(argv: list[str] | None = None) -> int:
         "rows": ordered,
         "ratios": make_ratios({row["name"]: row for row in rows}),
     }
-    atomic_write_json(out, results)
+    from corral.atomic import atomic_write_text
+
+    atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     print_table(results)
     print(f"\nwrote {out}" + ("" if args.out else "; run python bench/report.py to update README.md"))
     return 0
