@@ -1,57 +1,445 @@
-"""Generation: replies to prompt conversations, rendered by the same template that training used.
+"""The one generation engine: continuous batching over a transformers model with a KV cache.
 
-A batched KV-cache path over transformers' `generate` (left padding). The serving work replaces
-this body with continuous batching behind the same function; callers do not change.
+Everything in Corral that generates text goes through here: the server, the terminal chat, the
+quickstart, and later PPO rollouts, the judge and distillation.
+
+How it works. Running sequences share one batch and one `DynamicCache`, left-padded: row r's real
+tokens sit at the right end of its cache row and a 2-D attention mask hides the padding; position
+ids are passed explicitly (the count of real tokens before each one), so padding never shifts a
+position. Each `step()`:
+  1. admits waiting requests: their prompts are prefilled together (identical prompts, e.g. the n
+     replies of one request, are computed once and their cache rows copied), their first tokens
+     sampled, and their cache rows concatenated to the running batch after left-padding both sides
+     to one length;
+  2. decodes one token for every running row in one forward pass;
+  3. retires finished or cancelled rows (stop token, stop string, max tokens, context length) and
+     trims cache columns that have become padding for every remaining row.
+So a new request joins at the next step and a short request never waits for a long one.
+
+Requests come in as token ids; callers render conversations with the chat template first (the same
+template code SFT trained with). A request's `Stream` yields `TokenEvent`s, from any thread or from
+asyncio. `start()` runs the loop in a background thread (the server); without it, `generate()` runs
+the loop in the calling thread (batch jobs, PPO rollouts on live weights).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import logging
+import queue
+import random
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from corral.chat.conversation import Conversation
+from corral.generate.sampling import (
+    RowParams,
+    SamplingParams,
+    apply_penalties,
+    sample_next,
+)
+
+log = logging.getLogger(__name__)
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
+class TokenEvent:
+    index: int  # which of the request's n replies
+    text: str  # text added since this reply's previous event (may be empty)
+    token_id: int | None = None  # the sampled token (None on a final flush)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"; set on the last event
+    error: str | None = None
 
 
-def generate_replies(model, fmt, conversations: list[Conversation], params: SamplingParams, batch_size: int = 8) -> list[str]:
-    """One reply per conversation (each ending with a user message)."""
-    tokenizer = fmt.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    if params.seed is not None:
-        torch.manual_seed(params.seed)
-    replies: list[str] = []
-    model.eval()
-    for start in range(0, len(conversations), batch_size):
-        prompts = [fmt.render(c) for c in conversations[start : start + batch_size]]
-        width = max(len(p) for p in prompts)
-        input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        sampling = params.temperature > 0
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=params.max_new_tokens,
-                do_sample=sampling,
-                temperature=params.temperature if sampling else None,
-                top_p=params.top_p if sampling else None,
-                top_k=params.top_k if sampling else None,
-                repetition_penalty=params.repetition_penalty,
-                eos_token_id=fmt.stop_token_ids,
-                pad_token_id=pad_id,
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]  # reply tokens, the stop token included when one ended it
+    finish_reason: str
+
+
+class Stream:
+    """The events of one submitted request. Iterate it (blocking) or `async for` it (when submitted with a loop)."""
+
+    def __init__(self, n: int, prompt_tokens: int, loop: asyncio.AbstractEventLoop | None = None):
+        self.n = n
+        self.prompt_tokens = prompt_tokens
+        self.cancelled = False
+        self._open = n
+        self._loop = loop
+        self._queue: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
+
+    def cancel(self) -> None:
+        """Stop generating (the client left, or pressed stop); the engine retires the rows at its next step."""
+        self.cancelled = True
+
+    def _push(self, event: TokenEvent | None) -> None:
+        if self._loop is None:
+            self._queue.put(event)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:  # the event loop is gone: nobody is listening any more
+            self.cancelled = True
+
+    def _finish_one(self) -> None:
+        self._open -= 1
+        if self._open == 0:
+            self._push(None)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while (event := self._queue.get()) is not None:
+            yield event
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        while (event := await self._queue.get()) is not None:
+            yield event
+
+    def collect(self) -> list[Completion]:
+        """Block until done; the n completions in order."""
+        texts = [""] * self.n
+        tokens: list[list[int]] = [[] for _ in range(self.n)]
+        reasons = [""] * self.n
+        for event in self:
+            texts[event.index] += event.text
+            if event.token_id is not None:
+                tokens[event.index].append(event.token_id)
+            if event.finish_reason:
+                reasons[event.index] = event.finish_reason
+                if event.error:
+                    raise RuntimeError(f"generation failed: {event.error}")
+        return [Completion(t, ids, r) for t, ids, r in zip(texts, tokens, reasons)]
+
+
+class Engine(Protocol):
+    """What every backend offers (transformers here, vLLM in `generate/vllm.py`)."""
+
+    tokenizer: object
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
+               loop: asyncio.AbstractEventLoop | None = None) -> Stream: ...
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, adapter: str | None = None) -> list[list[Completion]]: ...
+
+
+@dataclass
+class _Sequence:
+    stream: Stream
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None
+    stop_ids: frozenset[int]
+    generator: torch.Generator
+    reply_ids: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of the reply text already emitted
+    done: bool = False
+
+
+def _holdback(text: str, stops: tuple[str, ...]) -> int:
+    """Characters at the end of `text` not to emit yet: an unfinished UTF-8 character or a possible stop-string start."""
+    keep = 1 if text.endswith("\ufffd") else 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                keep = max(keep, k)
+                break
+    return keep
+
+
+class TransformersEngine:
+    """Continuous batching over a transformers causal LM (optionally a peft model with several LoRA adapters)."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 32, max_len: int | None = None,
+                 stop_token_ids: tuple[int, ...] | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        config = getattr(model, "config", None)
+        self.max_len = max_len or getattr(config, "max_position_embeddings", None) or 4096
+        self.default_stop_ids = frozenset(
+            stop_token_ids if stop_token_ids is not None
+            else ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+        )
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.device = next(model.parameters()).device
+        self._waiting: deque[_Sequence] = deque()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._clear_batch()
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
+               loop: asyncio.AbstractEventLoop | None = None) -> Stream:
+        if not prompt_ids:
+            raise ValueError("prompt: empty prompt")
+        if len(prompt_ids) >= self.max_len:
+            raise ValueError(f"prompt: {len(prompt_ids)} tokens, the model's context is {self.max_len}")
+        if adapter not in (None, BASE_ADAPTER) and adapter not in self.adapters():
+            raise ValueError(f"adapter '{adapter}' is not loaded (loaded: {', '.join(self.adapters()) or 'none'})")
+        stream = Stream(params.n, len(prompt_ids), loop)
+        base_seed = params.seed if params.seed is not None else random.getrandbits(63)
+        stops = self.default_stop_ids | frozenset(params.stop_token_ids)
+        seqs = [
+            _Sequence(stream, i, list(prompt_ids), params, adapter, stops,
+                      torch.Generator().manual_seed(base_seed + i))
+            for i in range(params.n)
+        ]
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._waiting.extend(seqs)
+            self._lock.notify()
+        return stream
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, adapter: str | None = None) -> list[list[Completion]]:
+        """Generate for all prompts (batched, continuously); returns n completions per prompt, in order."""
+        streams = [self.submit(p, params, adapter) for p in prompts]
+        if self._thread is None:  # no background loop: run it here until our requests are done
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                while self.has_work():
+                    self.step()
+            finally:
+                self.model.train(was_training)
+        return [s.collect() for s in streams]
+
+    def adapters(self) -> list[str]:
+        return list(getattr(self.model, "peft_config", {}) or {})
+
+    # ------------------------------------------------------------------ background loop
+    def start(self) -> TransformersEngine:
+        self.model.eval()
+        self._thread = threading.Thread(target=self._loop, name="corral-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self._waiting and not self._seqs:
+                    self._lock.wait()
+                if self._closed:
+                    break
+            self.step()
+        for seq in list(self._seqs) + list(self._waiting):
+            self._finish(seq, "cancelled")
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._seqs)
+
+    # ------------------------------------------------------------------ one step
+    @torch.no_grad()
+    def step(self) -> None:
+        """Admit waiting requests (prefill), decode one token for every running row, retire finished rows."""
+        try:
+            with self._lock:
+                room = self.max_batch - len(self._seqs)
+                admitted = []
+                while self._waiting and (len(admitted) < room or not (admitted or self._seqs)):
+                    seq = self._waiting.popleft()
+                    if seq.stream.cancelled:
+                        self._finish(seq, "cancelled")
+                    else:
+                        admitted.append(seq)
+            if self._seqs:
+                self._decode()
+            if admitted:
+                self._prefill(admitted)
+            self._retire()
+        except Exception as e:  # never let one bad batch kill the server: fail its requests, keep serving
+            log.exception("generation step failed")
+            for seq in self._seqs:
+                self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+            self._clear_batch()
+
+    def _forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str | None]):
+        kwargs = {}
+        if self.adapters():
+            kwargs["adapter_names"] = [a or BASE_ADAPTER for a in adapters]
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+        return out.logits[:, -1, :].float(), out.past_key_values
+
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        # The n replies of a request share a prompt: compute each distinct (prompt, adapter) once.
+        keys = [(tuple(s.prompt_ids), s.adapter) for s in seqs]
+        unique = list(dict.fromkeys(keys))
+        expand = torch.tensor([unique.index(k) for k in keys], device=self.device)
+        width = max(len(p) for p, _ in unique)
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p, _ in unique], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in unique], device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self._forward(ids, mask, positions, None, [a for _, a in unique])
+        self._check_cache(cache)
+        if len(unique) != len(seqs):
+            cache.batch_select_indices(expand)
+            logits, mask = logits[expand], mask[expand]
+        vocab = logits.shape[-1]
+        seen = torch.zeros(len(seqs), vocab, dtype=torch.bool, device=self.device)
+        for row, seq in enumerate(seqs):
+            seen[row, torch.tensor(seq.prompt_ids, device=self.device).clamp(max=vocab - 1)] = True
+        counts = torch.zeros(len(seqs), vocab, dtype=torch.int32, device=self.device)
+        self._merge(seqs, cache, mask, seen, counts)
+        first = len(self._seqs) - len(seqs)
+        self._sample_and_emit(logits, rows=range(first, len(self._seqs)))
+
+    def _decode(self) -> None:
+        """One token for every running row (rows admitted in this step get theirs from the prefill)."""
+        seqs = self._seqs
+        last = torch.tensor([[s.reply_ids[-1]] for s in seqs], device=self.device)
+        positions = self._mask.sum(-1, keepdim=True)  # real tokens before the new one
+        self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+        logits, self._cache = self._forward(last, self._mask, positions, self._cache, [s.adapter for s in seqs])
+        self._sample_and_emit(logits, rows=range(len(seqs)))
+
+    def _sample_and_emit(self, logits: torch.Tensor, rows: range) -> None:
+        seqs = [self._seqs[r] for r in rows]
+        idx = torch.tensor(list(rows), device=self.device)
+        params = RowParams.of([s.params for s in seqs], self.device)
+        logits = apply_penalties(logits, params, self._seen[idx], self._counts[idx])
+        tokens = sample_next(logits, params, [s.generator for s in seqs]).tolist()
+        for r, seq, token in zip(rows, seqs, tokens):
+            if seq.done:
+                continue
+            self._seen[r, token] = True
+            self._counts[r, token] += 1
+            self._advance(seq, token)
+
+    def _advance(self, seq: _Sequence, token: int) -> None:
+        seq.reply_ids.append(token)
+        if token in seq.stop_ids:
+            self._finish(seq, "stop", token_id=token)
+            return
+        text = self.tokenizer.decode(seq.reply_ids, skip_special_tokens=True)
+        stops = seq.params.stop
+        if stops:
+            start = max(0, seq.sent - max(map(len, stops)))  # a stop string can only end in the new text
+            hits = [p for s in stops if (p := text.find(s, start)) >= 0]
+            if hits:
+                self._finish(seq, "stop", token_id=token, text=text[: min(hits)])
+                return
+        if len(seq.reply_ids) >= seq.params.max_new_tokens or len(seq.prompt_ids) + len(seq.reply_ids) >= self.max_len:
+            self._finish(seq, "length", token_id=token, text=text)
+            return
+        safe = len(text) - _holdback(text, stops)
+        delta = text[seq.sent:safe] if safe > seq.sent else ""
+        seq.sent = max(seq.sent, safe)
+        seq.stream._push(TokenEvent(seq.index, delta, token_id=token))
+
+    def _finish(self, seq: _Sequence, reason: str, token_id: int | None = None, text: str | None = None,
+                error: str | None = None) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        if text is None:
+            text = self.tokenizer.decode([t for t in seq.reply_ids if t not in seq.stop_ids], skip_special_tokens=True)
+        delta = text[seq.sent:]
+        seq.stream._push(TokenEvent(seq.index, delta, token_id=token_id, finish_reason=reason, error=error))
+        seq.stream._finish_one()
+
+    # ------------------------------------------------------------------ batch bookkeeping
+    def _clear_batch(self) -> None:
+        self._seqs: list[_Sequence] = []
+        self._cache = None
+        self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
+        self._seen = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
+        self._counts = torch.zeros(0, 0, dtype=torch.int32, device=self.device)
+
+    @staticmethod
+    def _check_cache(cache) -> None:
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(cache, "layers", None)
+        if layers is None or any(type(layer) is not DynamicLayer for layer in layers):
+            kinds = sorted({type(layer).__name__ for layer in layers or []})
+            raise NotImplementedError(
+                f"continuous batching needs a plain dynamic KV cache; this model uses {kinds or type(cache).__name__} "
+                "(sliding-window or hybrid attention): serve it with engine=vllm on GPU"
             )
-        for row in out[:, width:].tolist():
-            cut = next((i for i, t in enumerate(row) if t in fmt.stop_token_ids), len(row))
-            replies.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-    return replies
+
+    def _merge(self, seqs, cache, mask, seen, counts) -> None:
+        if not self._seqs:
+            self._seqs, self._cache, self._mask, self._seen, self._counts = list(seqs), cache, mask, seen, counts
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+
+        def left_pad(t, length_dim):
+            missing = width - t.shape[length_dim]
+            if missing == 0:
+                return t
+            pad = [0, 0] * (t.dim() - 1 - length_dim) + [missing, 0]
+            return F.pad(t, pad)
+
+        for old, new in zip(self._cache.layers, cache.layers):
+            old.keys = torch.cat([left_pad(old.keys, 2), left_pad(new.keys, 2)], dim=0)
+            old.values = torch.cat([left_pad(old.values, 2), left_pad(new.values, 2)], dim=0)
+        self._mask = torch.cat([left_pad(self._mask, 1), left_pad(mask, 1)], dim=0)
+        vocab = max(self._seen.shape[1], seen.shape[1])
+        self._seen = torch.cat([F.pad(self._seen, (0, vocab - self._seen.shape[1])), F.pad(seen, (0, vocab - seen.shape[1]))])
+        self._counts = torch.cat([F.pad(self._counts, (0, vocab - self._counts.shape[1])), F.pad(counts, (0, vocab - counts.shape[1]))])
+        self._seqs += seqs
+
+    def _retire(self) -> None:
+        for seq in self._seqs:
+            if seq.stream.cancelled and not seq.done:
+                self._finish(seq, "cancelled")
+        keep = [r for r, s in enumerate(self._seqs) if not s.done]
+        if len(keep) == len(self._seqs):
+            return
+        if not keep:
+            self._clear_batch()
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._cache.batch_select_indices(index)
+        self._mask, self._seen, self._counts = self._mask[index], self._seen[index], self._counts[index]
+        self._seqs = [self._seqs[r] for r in keep]
+        # Columns that are padding for every remaining row are dead weight in every later step.
+        dead = int((self._mask.sum(0) == 0).long().cumprod(0).sum())
+        if dead:
+            self._mask = self._mask[:, dead:]
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, dead:], layer.values[:, :, dead:]
+
+
+def generate_replies(engine: Engine, fmt, conversations: list[Conversation], params: SamplingParams) -> list[str]:
+    """One reply per conversation (each ending with a user message), rendered with the chat template `fmt`."""
+    params = _with_stops(params, fmt)
+    results = engine.generate([fmt.render(c) for c in conversations], params)
+    return [choices[0].text.strip() for choices in results]
+
+
+def _with_stops(params: SamplingParams, fmt) -> SamplingParams:
+    """The template's end-of-turn tokens and strings added to the request's own stops."""
+    from dataclasses import replace
+
+    single_token = set(fmt.stop_token_ids)
+    strings = tuple(s for s in fmt.stop_strings if s and not _is_one_token(fmt.tokenizer, s, single_token))
+    return replace(
+        params,
+        stop_token_ids=tuple(sorted(set(params.stop_token_ids) | single_token)),
+        stop=tuple(dict.fromkeys(params.stop + strings)),
+    )
+
+
+def _is_one_token(tokenizer, text: str, ids: set[int]) -> bool:
+    encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return len(encoded) == 1 and encoded[0] in ids
+

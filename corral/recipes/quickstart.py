@@ -7,7 +7,8 @@ import time
 from corral.chat.conversation import Conversation
 from corral.chat.templates import get_template
 from corral.config import QuickstartConfig, SFTConfig
-from corral.generate.engine import SamplingParams, generate_replies
+from corral.generate.engine import TransformersEngine, generate_replies
+from corral.generate.sampling import SamplingParams
 from corral.models.load import load_model, load_tokenizer
 from corral.recipes import sft
 
@@ -16,7 +17,7 @@ def ask(model, fmt, prompts: list[str], max_new_tokens: int) -> list[str]:
     conversations = [Conversation.from_pairs(("user", p)) for p in prompts]
     # Greedy with a mild repetition penalty: a 135M model loops without one.
     params = SamplingParams(max_new_tokens=max_new_tokens, repetition_penalty=1.2)
-    return generate_replies(model, fmt, conversations, params)
+    return generate_replies(TransformersEngine(model, fmt.tokenizer), fmt, conversations, params)
 
 
 def run(cfg: QuickstartConfig):

@@ -1,0 +1,106 @@
+"""Sampling parameters and the per-row logits processing of a batch where every row has its own.
+
+Each row of a running batch belongs to a different request, so temperature, top-p, top-k and the
+penalties are per-row tensors and one vectorised pass serves the whole batch. Each request draws
+from its own seeded generator, so a seeded reply does not depend on what else shares the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0  # transformers' semantics: over prompt and reply tokens
+    presence_penalty: float = 0.0  # OpenAI's semantics: over reply tokens
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()  # stop strings; the reply is cut before them
+    stop_token_ids: tuple[int, ...] = ()  # in addition to the engine's default stops (eos / end-of-turn)
+    n: int = 1  # replies per prompt; with a seed, reply i uses seed + i
+    seed: int | None = None
+
+    def __post_init__(self):
+        checks = {
+            "max_new_tokens": self.max_new_tokens >= 1,
+            "temperature": 0 <= self.temperature <= 100,
+            "top_p": 0 < self.top_p <= 1,
+            "top_k": self.top_k >= 0,
+            "repetition_penalty": self.repetition_penalty > 0,
+            "presence_penalty": -2 <= self.presence_penalty <= 2,
+            "frequency_penalty": -2 <= self.frequency_penalty <= 2,
+            "n": 1 <= self.n <= 128,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name}: invalid value {getattr(self, name)!r}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop: stop strings must not be empty")
+
+
+@dataclass
+class RowParams:
+    """The sampling settings of the rows of a batch, as (B,) tensors."""
+
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    top_k: torch.Tensor
+    repetition_penalty: torch.Tensor
+    presence_penalty: torch.Tensor
+    frequency_penalty: torch.Tensor
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], device) -> RowParams:
+        def col(name, dtype=torch.float32):
+            return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
+
+        return cls(col("temperature"), col("top_p"), col("top_k", torch.long), col("repetition_penalty"),
+                   col("presence_penalty"), col("frequency_penalty"))
+
+
+def apply_penalties(logits: torch.Tensor, rows: RowParams, seen: torch.Tensor, reply_counts: torch.Tensor) -> torch.Tensor:
+    """logits (B, V); seen (B, V) bool: token occurs in prompt or reply; reply_counts (B, V) in the reply."""
+    penalty = rows.repetition_penalty[:, None]
+    if bool((penalty != 1).any()):
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, penalised, logits)
+    if bool((rows.presence_penalty != 0).any() or (rows.frequency_penalty != 0).any()):
+        counts = reply_counts.to(logits.dtype)
+        logits = logits - rows.presence_penalty[:, None] * (counts > 0) - rows.frequency_penalty[:, None] * counts
+    return logits
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set logits outside each row's top-k / nucleus to -inf. logits (B, V); top_k, top_p (B,)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, logits.shape[-1])[:, None]
+    drop = rank >= k
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # keep a token while the mass before it is < top_p
+    drop |= mass_before >= top_p[:, None]
+    drop[:, 0] = False  # always keep the most likely token
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample_next(logits: torch.Tensor, rows: RowParams, generators: list[torch.Generator]) -> torch.Tensor:
+    """(B,) next tokens: argmax where temperature is 0, else a draw from each row's own generator."""
+    greedy = logits.argmax(dim=-1)
+    sampled_rows = (rows.temperature > 0).nonzero().flatten().tolist()
+    if not sampled_rows:
+        return greedy
+    idx = torch.tensor(sampled_rows, device=logits.device)
+    scaled = logits[idx] / rows.temperature[idx, None]
+    scaled = filter_top_k_top_p(scaled, rows.top_k[idx], rows.top_p[idx])
+    probs = scaled.softmax(dim=-1).cpu()
+    tokens = greedy.clone()
+    for j, row in enumerate(sampled_rows):
+        tokens[row] = torch.multinomial(probs[j], 1, generator=generators[row]).item()
+    return tokens
