@@ -71,3 +71,24 @@ def atomic_dir(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def append_line(path: str | Path, line: str) -> Path:
+    """Append one line to a log file (JSONL) whole: one write under an exclusive lock, then fsync.
+
+    Concurrent writers (threads or processes) never interleave, and a crash loses at most the line
+    being written, never an earlier one.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)  # closing releases the lock
+    return path

@@ -17,10 +17,12 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from corral.config import (
+    ChatConfig,
     ConfigError,
     InspectConfig,
     MergeConfig,
     QuickstartConfig,
+    ServeConfig,
     SFTConfig,
     load_config,
     parse_value,
@@ -53,6 +55,16 @@ COMMANDS: dict[str, Command] = {
         MergeConfig, "corral.recipes.merge:run",
         "fold a LoRA adapter into its base model and write a plain HF folder",
         aliases={"--output": "output_dir"}, positional="adapter",
+    ),
+    "serve": Command(
+        ServeConfig, "corral.recipes.serve:run",
+        "OpenAI-compatible API server with web chat and arena (default: the embedded model)",
+        aliases={"--model": "models"},
+    ),
+    "chat": Command(
+        ChatConfig, "corral.recipes.chat:run",
+        "chat in the terminal with a local model or an OpenAI-compatible server (--api URL)",
+        positional="model",
     ),
     "data inspect": Command(
         InspectConfig, "corral.recipes.data:run",
@@ -105,16 +117,25 @@ def parse_args(name: str, cmd: Command, args: list[str]) -> tuple[list[str], dic
                 value = args[i + 1]
                 i += 1
             key = cmd.aliases.get(key, key[2:].replace("-", "_"))
-            overrides[key] = parse_value(value)
+            _set_override(overrides, key, parse_value(value))
         elif "=" in arg:
             key, _, value = arg.partition("=")
-            overrides[key] = parse_value(value)
+            _set_override(overrides, key, parse_value(value))
         elif cmd.positional and cmd.positional not in overrides:
             overrides[cmd.positional] = arg
         else:
             raise ConfigError(f"unexpected argument '{arg}' (overrides are key=value or --key value)")
         i += 1
     return config_files, overrides
+
+
+def _set_override(overrides: dict, key: str, value) -> None:
+    """A key given twice collects its values into a list (`--model a=X --model b=Y`)."""
+    if key in overrides:
+        previous = overrides[key]
+        overrides[key] = (previous if isinstance(previous, list) else [previous]) + [value]
+    else:
+        overrides[key] = value
 
 
 def resolve_config_path(text: str) -> Path:

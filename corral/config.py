@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from corral.atomic import atomic_write_text
 
@@ -122,6 +122,44 @@ class InspectConfig(Section):
     data: DataConfig = DataConfig()
     max_len: int = Field(512, ge=8, description="Split conversations longer than this, as training does.")
     num_samples: int = Field(3, ge=0, description="How many rendered samples to print.")
+
+
+class ServeConfig(Section):
+    models: list[str] = Field(
+        default_factory=list,
+        description="Models to serve, each NAME=PATH or PATH (repeat --model). Empty: the embedded model. "
+        "LoRA adapters of one base share a single copy of it.",
+    )
+    template: str = Field("auto", description="Chat template: `auto` is the one saved with each model (as trained).")
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 to accept other machines).")
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = Field(None, description="Require `Authorization: Bearer KEY` (or set CORRAL_API_KEY).")
+    votes: str = Field("arena_votes.jsonl", description="Arena votes from the web chat are appended here (JSONL).")
+    engine: Literal["transformers", "vllm"] = Field("transformers", description="`vllm` needs a CUDA GPU.")
+    max_batch: int = Field(32, ge=1, description="Most sequences decoded together (continuous batching).")
+    max_tokens: int = Field(512, ge=1, description="Reply length when a request gives no max_tokens.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype.")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+class ChatConfig(Section):
+    model: str = Field(EMBEDDED_MODEL, description="Local model (folder, adapter, .gguf, embedded name), or the "
+                       "served model's name with --api.")
+    api: str | None = Field(None, description="Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the --api key.")
+    template: str = Field("auto", description="Chat template for a local model.")
+    system: str | None = Field(None, description="System prompt (change it in the chat with /system TEXT).")
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.1, gt=0, description="Local models only; small models loop without it.")
+    max_tokens: int = Field(256, ge=1)
+    seed: int | None = Field(None)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype (local).")
 
 
 # ---------------------------------------------------------------------------------------------

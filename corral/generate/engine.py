@@ -105,18 +105,33 @@ class Stream:
 
     def collect(self) -> list[Completion]:
         """Block until done; the n completions in order."""
-        texts = [""] * self.n
-        tokens: list[list[int]] = [[] for _ in range(self.n)]
-        reasons = [""] * self.n
+        gathered = _Gathered(self.n)
         for event in self:
-            texts[event.index] += event.text
-            if event.token_id is not None:
-                tokens[event.index].append(event.token_id)
-            if event.finish_reason:
-                reasons[event.index] = event.finish_reason
-                if event.error:
-                    raise RuntimeError(f"generation failed: {event.error}")
-        return [Completion(t, ids, r) for t, ids, r in zip(texts, tokens, reasons)]
+            gathered.add(event)
+        return gathered.completions()
+
+    async def acollect(self) -> list[Completion]:
+        """`collect` for asyncio (a stream submitted with a loop)."""
+        gathered = _Gathered(self.n)
+        async for event in self:
+            gathered.add(event)
+        return gathered.completions()
+
+
+class _Gathered:
+    def __init__(self, n: int):
+        self.texts, self.tokens, self.reasons = [""] * n, [[] for _ in range(n)], [""] * n
+
+    def add(self, event: TokenEvent) -> None:
+        if event.error:
+            raise RuntimeError(f"generation failed: {event.error}")
+        self.texts[event.index] += event.text
+        if event.token_id is not None:
+            self.tokens[event.index].append(event.token_id)
+        self.reasons[event.index] = event.finish_reason or self.reasons[event.index]
+
+    def completions(self) -> list[Completion]:
+        return [Completion(t, ids, r) for t, ids, r in zip(self.texts, self.tokens, self.reasons)]
 
 
 class Engine(Protocol):
@@ -171,6 +186,13 @@ class TransformersEngine:
         )
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.device = next(model.parameters()).device
+        from corral.models.adapters import uses_prefix
+
+        if uses_prefix(model):
+            raise NotImplementedError(
+                "prefix-tuning adapters feed their prefix as a KV cache, which the continuous-batching engine "
+                "manages itself: serve a LoRA adapter or a full model instead"
+            )
         self._waiting: deque[_Sequence] = deque()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -272,8 +294,9 @@ class TransformersEngine:
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str | None]):
         kwargs = {}
-        if self.adapters():
-            kwargs["adapter_names"] = [a or BASE_ADAPTER for a in adapters]
+        if any(a is not None for a in adapters):  # peft's mixed-batch LoRA: each row runs with its own adapter
+            active = getattr(self.model, "active_adapter", BASE_ADAPTER)
+            kwargs["adapter_names"] = [a or active for a in adapters]
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
         return out.logits[:, -1, :].float(), out.past_key_values
@@ -421,12 +444,12 @@ class TransformersEngine:
 
 def generate_replies(engine: Engine, fmt, conversations: list[Conversation], params: SamplingParams) -> list[str]:
     """One reply per conversation (each ending with a user message), rendered with the chat template `fmt`."""
-    params = _with_stops(params, fmt)
+    params = with_template_stops(params, fmt)
     results = engine.generate([fmt.render(c) for c in conversations], params)
     return [choices[0].text.strip() for choices in results]
 
 
-def _with_stops(params: SamplingParams, fmt) -> SamplingParams:
+def with_template_stops(params: SamplingParams, fmt) -> SamplingParams:
     """The template's end-of-turn tokens and strings added to the request's own stops."""
     from dataclasses import replace
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tests.conftest import build_model
 
-from corral.generate.engine import TransformersEngine, generate_replies
+from corral.generate.engine import BASE_ADAPTER, TransformersEngine, generate_replies
 from corral.generate.sampling import SamplingParams
 
 LENGTHS = (3, 17, 8, 40, 1, 25)
@@ -152,7 +152,8 @@ def test_mixed_lora_adapters_in_one_batch(tiny_tokenizer, prompts):
     peft_model.eval()
     engine = TransformersEngine(peft_model, tiny_tokenizer, stop_token_ids=())
     params = SamplingParams(max_new_tokens=12)
-    streams = [engine.submit(prompts[1], params, adapter=a) for a in ("one", "two", None)]
+    peft_model.set_adapter("two")
+    streams = [engine.submit(prompts[1], params, adapter=a) for a in ("one", "two", BASE_ADAPTER, None)]
     run_until_done(engine)
     mixed = [s.collect()[0].token_ids for s in streams]
     expected = []
@@ -161,6 +162,7 @@ def test_mixed_lora_adapters_in_one_batch(tiny_tokenizer, prompts):
         expected.append(hf_greedy(peft_model, prompts[1], 12))
     with peft_model.disable_adapter():
         expected.append(hf_greedy(peft_model, prompts[1], 12))
+    expected.append(expected[1])  # no adapter named: the model's active adapter ("two")
     assert mixed == expected
     assert len({tuple(e) for e in expected}) == 3  # the adapters really differ
 

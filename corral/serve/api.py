@@ -1,0 +1,274 @@
+"""The OpenAI-compatible HTTP server: routes over the generation engine, plus the web chat and arena votes.
+
+Chat prompts are rendered with each model's own chat template (the code SFT trained with) and stop at
+its end-of-turn. Streams are server-sent events ending in `data: [DONE]`; a client that disconnects
+cancels its request, so the engine stops spending steps on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from corral.atomic import append_line
+from corral.chat.conversation import Conversation, Message
+from corral.chat.templates import TemplateError
+from corral.generate.engine import Completion, Stream, with_template_stops
+from corral.generate.sampling import SamplingParams
+from corral.serve.models import ServedModel
+from corral.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Vote,
+    envelope,
+    new_id,
+    usage,
+)
+
+WEB_DIR = Path(__file__).parent / "web"
+
+
+def build_app(models: dict[str, ServedModel], api_key: str | None = None, votes_path: str | Path | None = None,
+              default_max_tokens: int = 512) -> FastAPI:
+    app = FastAPI(title="Corral", docs_url="/docs")
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, err: APIError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, err: RequestValidationError):
+        first = err.errors()[0]
+        loc = [str(p) for p in first["loc"] if p != "body"]
+        param = ".".join(loc) or None
+        return JSONResponse(APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param).body(), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException):
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(err.status_code, str(err.detail), type=kind).body(), err.status_code)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not secrets.compare_digest(given.encode(), api_key.encode()):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                           type="authentication_error", code="invalid_api_key")
+
+    def lookup(name: str) -> ServedModel:
+        if name not in models:
+            raise APIError(404, f"model '{name}' does not exist; served: {', '.join(models)}", param="model",
+                           code="model_not_found")
+        return models[name]
+
+    def sampling(req, max_tokens: int | None) -> SamplingParams:
+        req.max_tokens = max_tokens or req.max_tokens
+        try:
+            return req.sampling(default_max_tokens)
+        except ValueError as e:
+            param = str(e).split(":", 1)[0].replace("max_new_tokens", "max_tokens")
+            raise APIError(400, str(e), param=param) from None
+
+    def submit(served: ServedModel, prompt_ids: list[int], params: SamplingParams, param: str) -> Stream:
+        try:
+            return served.engine.submit(prompt_ids, params, adapter=served.adapter, loop=asyncio.get_running_loop())
+        except ValueError as e:
+            raise APIError(400, str(e), param=param) from None
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": list(models)}
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def list_models():
+        return {"object": "list", "data": [
+            {"id": m.name, "object": "model", "created": m.created, "owned_by": "corral"} for m in models.values()
+        ]}  # fmt: skip
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat_completions(req: ChatRequest):
+        served = lookup(req.model)
+        conversation = to_conversation(req)
+        try:
+            prompt_ids = served.fmt.render(conversation)
+        except TemplateError as e:
+            raise APIError(400, str(e), param="messages") from None
+        params = with_template_stops(sampling(req, req.max_completion_tokens), served.fmt)
+        stream = submit(served, prompt_ids, params, "messages")
+        request_id = new_id("chatcmpl")
+        if req.stream:
+            return sse(chat_chunks(stream, request_id, req.model, req.include_usage), stream)
+        choices = await collect(stream)
+        return envelope("chat.completion", request_id, req.model, [
+            {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
+             "logprobs": None}
+            for i, c in enumerate(choices)
+        ], usage(stream.prompt_tokens, sum(len(c.token_ids) for c in choices)))  # fmt: skip
+
+    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    async def completions(req: CompletionRequest):
+        served = lookup(req.model)
+        tokenizer = served.engine.tokenizer
+        if isinstance(req.prompt, str):
+            prompts = [tokenizer(req.prompt)["input_ids"]]
+        elif req.prompt and all(isinstance(p, int) for p in req.prompt):
+            prompts = [list(req.prompt)]
+        else:
+            prompts = [tokenizer(p)["input_ids"] for p in req.prompt]
+        params = sampling(req, None)
+        streams = [submit(served, ids, params, "prompt") for ids in prompts]
+        request_id = new_id("cmpl")
+        echoes = [tokenizer.decode(ids) if req.echo else "" for ids in prompts]
+        if req.stream:
+            return sse(completion_chunks(streams, echoes, request_id, req.model, req.include_usage), *streams)
+        choices, completion_tokens = [], 0
+        for p, stream in enumerate(streams):
+            for j, c in enumerate(await collect(stream)):
+                choices.append({"index": p * params.n + j, "text": echoes[p] + c.text,
+                                "finish_reason": c.finish_reason, "logprobs": None})
+                completion_tokens += len(c.token_ids)
+        return envelope("text_completion", request_id, req.model, choices,
+                        usage(sum(s.prompt_tokens for s in streams), completion_tokens))
+
+    @app.post("/v1/arena/vote", dependencies=[Depends(check_key)])
+    async def arena_vote(vote: Vote):
+        if votes_path is None:
+            raise APIError(400, "this server records no votes (start it with --votes FILE)", param="vote")
+        record = vote_record(vote)
+        await asyncio.to_thread(append_line, votes_path, json.dumps(record, ensure_ascii=False))
+        return {"recorded": True, "model_a": vote.model_a, "model_b": vote.model_b}
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(WEB_DIR / "index.html")
+
+    app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+    return app
+
+
+def to_conversation(req: ChatRequest) -> Conversation:
+    messages = []
+    for i, m in enumerate(req.messages):
+        role = "system" if m.role == "developer" else m.role
+        if role == "system" and i > 0:
+            raise APIError(400, f"messages[{i}]: a system message is only allowed first", param=f"messages.{i}.role")
+        messages.append(Message(role, m.text()))
+    return Conversation(messages)
+
+
+def vote_record(vote: Vote) -> dict:
+    """One line of the preference file: the reward-model and DPO readers take `prompt`/`chosen`/`rejected`.
+
+    Ties and "both bad" carry no preference; they are kept (with `vote`) so a reader can count them,
+    and preference readers skip them.
+    """
+    first_is_better = vote.vote != "b"
+    chosen, rejected = ("a", "b") if first_is_better else ("b", "a")
+    replies = {"a": vote.reply_a, "b": vote.reply_b}
+    names = {"a": vote.model_a, "b": vote.model_b}
+    return {
+        "prompt": vote.prompt, "chosen": replies[chosen], "rejected": replies[rejected],
+        "models": {"chosen": names[chosen], "rejected": names[rejected]},
+        "vote": vote.vote, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }  # fmt: skip
+
+
+async def collect(stream: Stream) -> list[Completion]:
+    try:
+        return await stream.acollect()
+    except RuntimeError as e:
+        stream.cancel()
+        raise APIError(500, str(e), type="server_error") from None
+
+
+def sse(chunks: AsyncIterator[dict], *streams: Stream) -> StreamingResponse:
+    async def body():
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away (or we finished): free the engine rows either way
+            for stream in streams:
+                stream.cancel()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _error_chunk(message: str) -> dict:
+    return APIError(500, f"generation failed: {message}", type="server_error").body()
+
+
+async def chat_chunks(stream: Stream, request_id: str, model: str, include_usage: bool) -> AsyncIterator[dict]:
+    def chunk(choices, usage_=None):
+        body = envelope("chat.completion.chunk", request_id, model, choices)
+        if include_usage:
+            body["usage"] = usage_
+        return body
+
+    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                 for i in range(stream.n)])
+    completion_tokens = 0
+    async for event in stream:
+        if event.error:
+            yield _error_chunk(event.error)
+            return
+        completion_tokens += event.token_id is not None
+        if event.text:
+            yield chunk([{"index": event.index, "delta": {"content": event.text}, "finish_reason": None}])
+        if event.finish_reason:
+            yield chunk([{"index": event.index, "delta": {}, "finish_reason": event.finish_reason}])
+    if include_usage:
+        yield chunk([], usage(stream.prompt_tokens, completion_tokens))
+
+
+async def completion_chunks(streams: list[Stream], echoes: list[str], request_id: str, model: str,
+                            include_usage: bool) -> AsyncIterator[dict]:
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(p: int, stream: Stream):
+        async for event in stream:
+            await merged.put((p, stream.n, event))
+        await merged.put(None)
+
+    tasks = [asyncio.create_task(pump(p, s)) for p, s in enumerate(streams)]
+    try:
+        for p, echo in enumerate(echoes):
+            if echo:
+                for j in range(streams[p].n):
+                    yield envelope("text_completion", request_id, model,
+                                   [{"index": p * streams[p].n + j, "text": echo, "finish_reason": None}])
+        open_streams, completion_tokens = len(streams), 0
+        while open_streams:
+            item = await merged.get()
+            if item is None:
+                open_streams -= 1
+                continue
+            p, n, event = item
+            if event.error:
+                yield _error_chunk(event.error)
+                return
+            completion_tokens += event.token_id is not None
+            if event.text or event.finish_reason:
+                yield envelope("text_completion", request_id, model, [
+                    {"index": p * n + event.index, "text": event.text, "finish_reason": event.finish_reason,
+                     "logprobs": None}])  # fmt: skip
+        if include_usage:
+            body = envelope("text_completion", request_id, model, [])
+            body["usage"] = usage(sum(s.prompt_tokens for s in streams), completion_tokens)
+            yield body
+    finally:
+        for task in tasks:
+            task.cancel()
+

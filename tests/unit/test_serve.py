@@ -1,0 +1,177 @@
+"""The OpenAI-compatible server, started for real on 127.0.0.1 and driven by the official openai client."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ServerProcess
+
+KEY = "test-key-123"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir, tiny_lora_dir):
+    votes = tmp_path_factory.mktemp("votes") / "votes.jsonl"
+    proc = ServerProcess(["--model", f"tiny={tiny_model_dir}", "--model", f"tuned={tiny_lora_dir}",
+                          "--api-key", KEY, "--votes", str(votes), "--max_tokens", "16"])
+    proc.votes = votes
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+def ask(client, content, model="tiny", **kwargs):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                          temperature=0, **kwargs)
+
+
+def test_models_and_health(server, client):
+    assert sorted(m.id for m in client.models.list()) == ["tiny", "tuned"]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_chat_matches_local_engine_and_reports_usage(client, tiny_model_dir, tiny_tokenizer):
+    from corral.chat.conversation import Conversation
+    from corral.chat.templates import get_template
+    from corral.generate.engine import TransformersEngine, with_template_stops
+    from corral.generate.sampling import SamplingParams
+    from corral.models.load import load_model
+
+    reply = ask(client, "Who are you?", max_tokens=12)
+    fmt = get_template("auto", tiny_tokenizer)
+    prompt = fmt.render(Conversation.from_pairs(("user", "Who are you?")))
+    engine = TransformersEngine(load_model(str(tiny_model_dir)), tiny_tokenizer)
+    (local,), = engine.generate([prompt], with_template_stops(SamplingParams(max_new_tokens=12), fmt))
+    assert reply.choices[0].message.content == local.text
+    assert reply.choices[0].finish_reason == local.finish_reason
+    assert reply.usage.prompt_tokens == len(prompt)
+    assert reply.usage.completion_tokens == len(local.token_ids)
+    assert reply.usage.total_tokens == len(prompt) + len(local.token_ids)
+
+
+def test_streaming_chat_equals_non_streaming(client):
+    whole = ask(client, "Tell me about Corral.", max_tokens=16)
+    chunks = list(ask(client, "Tell me about Corral.", max_tokens=16, stream=True,
+                      stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_raw_sse_ends_with_done(server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 4}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[0][6:])["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_completions_stream_and_not(client):
+    whole = client.completions.create(model="tiny", prompt="The assistant", max_tokens=10, temperature=0)
+    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 10
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="The assistant", max_tokens=10, temperature=0, stream=True) if c.choices)
+    assert streamed == whole.choices[0].text
+    many = client.completions.create(model="tiny", prompt=["a", "b c"], max_tokens=3, temperature=0.9, n=2, seed=1)
+    assert sorted(c.index for c in many.choices) == [0, 1, 2, 3]
+
+
+def test_stop_strings_and_n_with_seed(client):
+    base = ask(client, "Hello there", max_tokens=16).choices[0].message.content
+    assert len(base) > 4
+    stop = base[2:4]
+    cut = ask(client, "Hello there", max_tokens=16, stop=[stop])
+    assert cut.choices[0].message.content == base[: base.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    a = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], n=3, seed=7,
+                                       temperature=1.0, max_tokens=8)
+    b = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], n=3, seed=7,
+                                       temperature=1.0, max_tokens=8)
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert len(a.choices) == 3
+
+
+def test_lora_adapter_served_beside_its_base(client, tiny_lora_dir, tiny_tokenizer):
+    from corral.chat.conversation import Conversation
+    from corral.chat.templates import get_template
+    from corral.generate.engine import TransformersEngine, with_template_stops
+    from corral.generate.sampling import SamplingParams
+    from corral.models.load import load_model
+
+    tuned = ask(client, "Who are you?", model="tuned", max_tokens=12).choices[0].message.content
+    base = ask(client, "Who are you?", model="tiny", max_tokens=12).choices[0].message.content
+    fmt = get_template("auto", tiny_tokenizer)
+    engine = TransformersEngine(load_model(str(tiny_lora_dir)), tiny_tokenizer)
+    prompt = fmt.render(Conversation.from_pairs(("user", "Who are you?")))
+    (local,), = engine.generate([prompt], with_template_stops(SamplingParams(max_new_tokens=12), fmt))
+    assert tuned == local.text != base
+
+
+def test_openai_errors(server, client):
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, "hi", top_p=0)
+    assert e.value.status_code == 400 and e.value.body["param"] == "top_p"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=5)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "assistant", "content": "hi"}])
+    assert e.value.body["param"] == "messages"
+    with pytest.raises(openai.NotFoundError) as e:
+        ask(client, "hi", model="nope")
+    assert e.value.body["code"] == "model_not_found"
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    missing = httpx.get(server.url + "/v1/models")
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny"}, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_32_concurrent_streams_all_complete_with_single_request_outputs(client):
+    prompts = [f"Question number {i}: {'why ' * (i % 7)}?" for i in range(32)]
+    alone = [ask(client, p, max_tokens=12).choices[0].message.content for p in prompts]
+    results: dict[int, str] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(32)
+
+    def one(i):
+        try:
+            start.wait()
+            stream = ask(client, prompts[i], max_tokens=12, stream=True)
+            results[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and len(results) == 32
+    assert [results[i] for i in range(32)] == alone
+
+
+def test_arena_vote_is_appended(server):
+    vote = {"prompt": "p", "model_a": "tiny", "model_b": "tuned", "reply_a": "ra", "reply_b": "rb", "vote": "b"}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.post(server.url + "/v1/arena/vote", json=vote, headers=headers).status_code == 200
+    assert httpx.post(server.url + "/v1/arena/vote", json={**vote, "vote": "maybe"}, headers=headers).status_code == 400
+    (record,) = [json.loads(line) for line in server.votes.read_text().splitlines()]
+    assert record["chosen"] == "rb" and record["rejected"] == "ra"
+    assert record["models"] == {"chosen": "tuned", "rejected": "tiny"} and record["prompt"] == "p"
