@@ -153,7 +153,9 @@ def build_config(cmd: Command, config_files: list[str], overrides: dict):
 
 
 def quiet_libraries() -> None:
-    logging.basicConfig(level=logging.INFO, format="corral: %(message)s")
+    # Our own messages at INFO; libraries only when they warn (HTTP clients log every request at INFO).
+    logging.basicConfig(level=logging.WARNING, format="corral: %(message)s")
+    logging.getLogger("corral").setLevel(logging.INFO)
     for noisy in ("transformers", "accelerate", "peft", "datasets", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)

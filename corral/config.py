@@ -156,7 +156,9 @@ class ChatConfig(Section):
     temperature: float = Field(0.7, ge=0, le=2)
     top_p: float = Field(0.9, gt=0, le=1)
     top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.1, gt=0, description="Local models only; small models loop without it.")
+    repetition_penalty: float | None = Field(
+        None, gt=0, description="Unset: 1.1 for local models (small ones loop without it), not sent with --api."
+    )
     max_tokens: int = Field(256, ge=1)
     seed: int | None = Field(None)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype (local).")

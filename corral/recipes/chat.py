@@ -1,0 +1,43 @@
+"""`corral chat MODEL`: chat in the terminal with a local model, or with a server through --api URL."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+from corral.config import ChatConfig
+from corral.generate.sampling import SamplingParams
+from corral.serve.terminal import APIBackend, LocalBackend, chat_loop
+
+
+def run(cfg: ChatConfig):
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    params = SamplingParams(
+        max_new_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+        repetition_penalty=cfg.repetition_penalty if cfg.repetition_penalty is not None else 1.0, seed=cfg.seed,
+    )  # fmt: skip
+    if cfg.api:
+        from openai import OpenAI
+
+        client = OpenAI(base_url=cfg.api, api_key=os.environ.get(cfg.api_key_env) or "none")
+        backend = APIBackend(client, cfg.model, send_extensions=cfg.repetition_penalty is not None or cfg.top_k > 0)
+        return chat_loop(backend, params, cfg.system, banner=f"chatting with {cfg.model} at {cfg.api}")
+
+    from corral.chat.templates import get_template
+    from corral.generate.engine import TransformersEngine
+    from corral.models.load import load_model, load_tokenizer
+
+    print(f"loading {cfg.model} ...", flush=True)
+    tokenizer = load_tokenizer(cfg.model)
+    fmt = get_template(cfg.template, tokenizer)
+    # Small models loop without a repetition penalty; 1.1 unless the user chose.
+    if cfg.repetition_penalty is None:
+        params = replace(params, repetition_penalty=1.1)
+    engine = TransformersEngine(load_model(cfg.model, dtype=cfg.dtype), tokenizer).start()
+    try:
+        return chat_loop(LocalBackend(engine, fmt), params, cfg.system, banner=f"chatting with {cfg.model}")
+    finally:
+        engine.close()
