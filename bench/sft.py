@@ -24,8 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import re
 import shlex
 import statistics
 import subprocess
@@ -36,6 +34,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # measure this checkout's corral, installed or not
+
+from bench.common import gpu_slug, machine_info, versions  # noqa: E402
 
 MODEL = "smollm2-135m"
 TEMPLATE = "chatml"
@@ -324,42 +324,6 @@ def data_facts(args: argparse.Namespace) -> dict:
         "trl_tokens": trl_tokens,
         "trl_targets": trl_targets,
     }
-
-
-def machine_info() -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch": torch.__version__.split("+")[0],
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for package in ("corral", "transformers", "peft", "accelerate", "trl", "datasets"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = None
-    return found
-
-
-def gpu_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def safe_ratio(a: float | None, b: float | None) -> float | None:
