@@ -1,0 +1,119 @@
+"""vLLM behind Corral's engine interface (`engine: vllm`, CUDA only).
+
+Same contract as `TransformersEngine`: `submit(prompt_ids, params, adapter)` returns a `Stream` of
+`TokenEvent`s, `generate()` blocks for a batch. vLLM's asyncio engine runs on its own event loop in
+a background thread; each request is a coroutine there that turns vLLM's delta outputs into our
+events. LoRA adapters of the base are served as vLLM LoRA requests (one base in GPU memory).
+
+vLLM is not a dependency (it brings its own CUDA torch); install it on GPU machines only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+
+from corral.generate.engine import BASE_ADAPTER, Completion, Stream, TokenEvent
+from corral.generate.sampling import SamplingParams
+
+
+def _require_vllm():
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("engine=vllm needs a CUDA GPU; use engine=transformers on this machine")
+    try:
+        import vllm
+    except ImportError:
+        raise RuntimeError("engine=vllm needs the vllm package: pip install vllm (on a CUDA machine)") from None
+    return vllm
+
+
+class VLLMEngine:
+    def __init__(self, model_path: str, adapters: list[tuple[str, str]] = (), dtype: str = "auto",
+                 max_batch: int = 256, max_len: int | None = None):
+        vllm = _require_vllm()
+        from transformers import AutoTokenizer
+        from vllm.lora.request import LoRARequest
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self._loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(adapters)}
+        args = vllm.AsyncEngineArgs(
+            model=model_path, dtype=dtype if dtype != "float32" else "float32", max_num_seqs=max_batch,
+            max_model_len=max_len, enable_lora=bool(adapters), max_loras=max(1, len(adapters)),
+        )  # fmt: skip
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="corral-vllm", daemon=True)
+        self._thread.start()
+        self._engine = asyncio.run_coroutine_threadsafe(self._make(vllm, args), self._loop).result()
+
+    @staticmethod
+    async def _make(vllm, args):
+        return vllm.AsyncLLMEngine.from_engine_args(args)
+
+    def adapters(self) -> list[str]:
+        return list(self._loras)
+
+    def _vllm_params(self, params: SamplingParams):
+        from vllm import SamplingParams as VParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return VParams(
+            n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or -1,
+            repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty, stop=list(params.stop) or None,
+            stop_token_ids=list(params.stop_token_ids) or None, max_tokens=params.max_new_tokens, seed=params.seed,
+            output_kind=RequestOutputKind.DELTA,
+        )  # fmt: skip
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
+               loop: asyncio.AbstractEventLoop | None = None) -> Stream:
+        from vllm.inputs import TokensPrompt
+
+        if adapter not in (None, BASE_ADAPTER) and adapter not in self._loras:
+            raise ValueError(f"adapter '{adapter}' is not loaded (loaded: {', '.join(self._loras) or 'none'})")
+        stream = Stream(params.n, len(prompt_ids), loop)
+        request_id = uuid.uuid4().hex
+        lora = self._loras.get(adapter) if adapter else None
+
+        async def run():
+            finished: set[int] = set()
+            try:
+                async for output in self._engine.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)),
+                                                          self._vllm_params(params), request_id, lora_request=lora):
+                    if stream.cancelled:
+                        await self._engine.abort(request_id)
+                        break
+                    for choice in output.outputs:
+                        tokens = list(choice.token_ids)
+                        for k, token in enumerate(tokens):
+                            last = k == len(tokens) - 1
+                            reason = choice.finish_reason if last and choice.finish_reason else None
+                            stream._push(TokenEvent(choice.index, choice.text if last else "", token_id=token,
+                                                    finish_reason=reason))
+                        if choice.finish_reason and choice.index not in finished:
+                            finished.add(choice.index)
+                            if not tokens:
+                                stream._push(TokenEvent(choice.index, choice.text, finish_reason=choice.finish_reason))
+                            stream._finish_one()
+            except Exception as e:  # noqa: BLE001 - reported to the waiting client
+                for index in set(range(params.n)) - finished:
+                    stream._push(TokenEvent(index, "", finish_reason="error", error=f"{type(e).__name__}: {e}"))
+                    finished.add(index)
+                    stream._finish_one()
+                return
+            for index in set(range(params.n)) - finished:  # aborted
+                stream._push(TokenEvent(index, "", finish_reason="cancelled"))
+                stream._finish_one()
+
+        asyncio.run_coroutine_threadsafe(run(), self._loop)
+        return stream
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, adapter: str | None = None) -> list[list[Completion]]:
+        streams = [self.submit(p, params, adapter) for p in prompts]
+        return [s.collect() for s in streams]
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
