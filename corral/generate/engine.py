@@ -442,6 +442,13 @@ class TransformersEngine:
                 layer.keys, layer.values = layer.keys[:, :, dead:], layer.values[:, :, dead:]
 
 
+def submit_chat(engine: Engine, fmt, conversation: Conversation, params: SamplingParams, adapter: str | None = None,
+                loop: asyncio.AbstractEventLoop | None = None) -> Stream:
+    """Submit a conversation (ending with a user message): rendered by the chat template `fmt`, which
+    also adds its end-of-turn stops. Raises TemplateError for a conversation the template refuses."""
+    return engine.submit(fmt.render(conversation), with_template_stops(params, fmt), adapter=adapter, loop=loop)
+
+
 def generate_replies(engine: Engine, fmt, conversations: list[Conversation], params: SamplingParams) -> list[str]:
     """One reply per conversation (each ending with a user message), rendered with the chat template `fmt`."""
     params = with_template_stops(params, fmt)

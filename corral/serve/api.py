@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from corral.atomic import append_line
 from corral.chat.conversation import Conversation, Message
 from corral.chat.templates import TemplateError
-from corral.generate.engine import Completion, Stream, with_template_stops
+from corral.generate.engine import Completion, Stream, submit_chat
 from corral.generate.sampling import SamplingParams
 from corral.serve.models import ServedModel
 from corral.serve.protocol import (
@@ -101,12 +101,12 @@ def build_app(models: dict[str, ServedModel], api_key: str | None = None, votes_
     async def chat_completions(req: ChatRequest):
         served = lookup(req.model)
         conversation = to_conversation(req)
+        params = sampling(req, req.max_completion_tokens)
         try:
-            prompt_ids = served.fmt.render(conversation)
-        except TemplateError as e:
+            stream = submit_chat(served.engine, served.fmt, conversation, params, adapter=served.adapter,
+                                 loop=asyncio.get_running_loop())
+        except (TemplateError, ValueError) as e:
             raise APIError(400, str(e), param="messages") from None
-        params = with_template_stops(sampling(req, req.max_completion_tokens), served.fmt)
-        stream = submit(served, prompt_ids, params, "messages")
         request_id = new_id("chatcmpl")
         if req.stream:
             return sse(chat_chunks(stream, request_id, req.model, req.include_usage), stream)

@@ -38,9 +38,9 @@ class LocalBackend:
     fmt: object
 
     def stream(self, conversation: Conversation, params: SamplingParams) -> Iterator[str]:
-        from corral.generate.engine import with_template_stops
+        from corral.generate.engine import submit_chat
 
-        request = self.engine.submit(self.fmt.render(conversation), with_template_stops(params, self.fmt))
+        request = submit_chat(self.engine, self.fmt, conversation, params)
         try:
             for event in request:
                 if event.error:
