@@ -62,8 +62,8 @@ def build_app(models: dict[str, ServedModel], api_key: str | None = None, votes_
     def check_key(request: Request) -> None:
         if api_key is None:
             return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not secrets.compare_digest(given.encode(), api_key.encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), api_key.encode()):
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
                            type="authentication_error", code="invalid_api_key")
 
@@ -74,9 +74,8 @@ def build_app(models: dict[str, ServedModel], api_key: str | None = None, votes_
         return models[name]
 
     def sampling(req, max_tokens: int | None) -> SamplingParams:
-        req.max_tokens = max_tokens or req.max_tokens
         try:
-            return req.sampling(default_max_tokens)
+            return req.sampling(max_tokens or req.max_tokens or default_max_tokens)
         except ValueError as e:
             param = str(e).split(":", 1)[0].replace("max_new_tokens", "max_tokens")
             raise APIError(400, str(e), param=param) from None
@@ -146,6 +145,9 @@ def build_app(models: dict[str, ServedModel], api_key: str | None = None, votes_
     async def arena_vote(vote: Vote):
         if votes_path is None:
             raise APIError(400, "this server records no votes (start it with --votes FILE)", param="vote")
+        for field in ("model_a", "model_b"):
+            if getattr(vote, field) not in models:
+                raise APIError(400, f"{field}: '{getattr(vote, field)}' is not a served model", param=field)
         record = vote_record(vote)
         await asyncio.to_thread(append_line, votes_path, json.dumps(record, ensure_ascii=False))
         return {"recorded": True, "model_a": vote.model_a, "model_b": vote.model_b}
@@ -169,20 +171,21 @@ def to_conversation(req: ChatRequest) -> Conversation:
 
 
 def vote_record(vote: Vote) -> dict:
-    """One line of the preference file: the reward-model and DPO readers take `prompt`/`chosen`/`rejected`.
-
-    Ties and "both bad" carry no preference; they are kept (with `vote`) so a reader can count them,
-    and preference readers skip them.
-    """
-    first_is_better = vote.vote != "b"
-    chosen, rejected = ("a", "b") if first_is_better else ("b", "a")
-    replies = {"a": vote.reply_a, "b": vote.reply_b}
-    names = {"a": vote.model_a, "b": vote.model_b}
-    return {
-        "prompt": vote.prompt, "chosen": replies[chosen], "rejected": replies[rejected],
-        "models": {"chosen": names[chosen], "rejected": names[rejected]},
-        "vote": vote.vote, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }  # fmt: skip
+    """One line of the preference file. `prompt`/`chosen`/`rejected` are what the reward-model and DPO
+    readers take; a tie or "both bad" carries no preference, so its `chosen`/`rejected` are null (a
+    reader counts and skips it) while `replies` and `models` keep both sides for other uses."""
+    record = {"prompt": vote.prompt, "chosen": None, "rejected": None}
+    if vote.vote in ("a", "b"):
+        winner, loser = ("a", "b") if vote.vote == "a" else ("b", "a")
+        replies = {"a": vote.reply_a, "b": vote.reply_b}
+        names = {"a": vote.model_a, "b": vote.model_b}
+        record.update(chosen=replies[winner], rejected=replies[loser],
+                      models={"chosen": names[winner], "rejected": names[loser]})
+    else:
+        record["models"] = {"a": vote.model_a, "b": vote.model_b}
+    record.update(replies={"a": vote.reply_a, "b": vote.reply_b}, vote=vote.vote,
+                  timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return record
 
 
 async def collect(stream: Stream) -> list[Completion]:

@@ -43,12 +43,12 @@ class _Request(BaseModel):
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0)
 
-    def sampling(self, default_max_tokens: int) -> SamplingParams:
+    def sampling(self, max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise APIError(400, "stop: up to 4 non-empty strings", param="stop")
         return SamplingParams(
-            max_new_tokens=self.max_tokens or default_max_tokens, temperature=self.temperature, top_p=self.top_p,
+            max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=self.top_k, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, stop=tuple(stop), n=self.n, seed=self.seed,
         )  # fmt: skip

@@ -139,6 +139,8 @@ def test_openai_errors(server, client):
         bad.models.list()
     missing = httpx.get(server.url + "/v1/models")
     assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/v1/models", headers={"Authorization": KEY}).status_code == 401  # no scheme
+    assert httpx.get(server.url + "/v1/models", headers={"Authorization": f"bearer {KEY}"}).status_code == 200
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny"}, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
@@ -172,6 +174,10 @@ def test_arena_vote_is_appended(server):
     headers = {"Authorization": f"Bearer {KEY}"}
     assert httpx.post(server.url + "/v1/arena/vote", json=vote, headers=headers).status_code == 200
     assert httpx.post(server.url + "/v1/arena/vote", json={**vote, "vote": "maybe"}, headers=headers).status_code == 400
-    (record,) = [json.loads(line) for line in server.votes.read_text().splitlines()]
+    forged = httpx.post(server.url + "/v1/arena/vote", json={**vote, "model_a": "gpt-9"}, headers=headers)
+    assert forged.status_code == 400 and forged.json()["error"]["param"] == "model_a"
+    assert httpx.post(server.url + "/v1/arena/vote", json={**vote, "vote": "tie"}, headers=headers).status_code == 200
+    record, tie = [json.loads(line) for line in server.votes.read_text().splitlines()]
+    assert tie["vote"] == "tie" and tie["chosen"] is None and tie["replies"] == {"a": "ra", "b": "rb"}
     assert record["chosen"] == "rb" and record["rejected"] == "ra"
     assert record["models"] == {"chosen": "tuned", "rejected": "tiny"} and record["prompt"] == "p"
