@@ -28,6 +28,12 @@ COLUMN_TITLES = {  # row fields shown first, in this order; other fields follow 
     "tokens_per_step": "tokens/step",
     "median_step_s": "median step (s)",
     "timed_s": "timed (s)",
+    "ttft_p50_s": "TTFT p50 (s)",
+    "ttft_p95_s": "TTFT p95 (s)",
+    "latency_p50_s": "latency p50 (s)",
+    "requests": "requests",
+    "output_tokens": "output tokens",
+    "wall_s": "wall (s)",
 }
 HIDDEN_FIELDS = {"name", "self_peak_rss_mb", "process_wall_s", "timed_tokens", "timed_target_tokens", "timed_steps"}
 
@@ -70,7 +76,9 @@ def setup_text(setup: dict) -> str:
     if isinstance(lora, dict):
         known.append("LoRA " + ", ".join(f"{k} {v}" for k, v in lora.items()))
     for key, title in (("seq_len", "seq len"), ("batch", "batch"), ("grad_accum", "grad accum"), ("dtype", "dtype"),
-                       ("steps_timed", "timed steps"), ("warmup", "warmup steps")):  # fmt: skip
+                       ("steps_timed", "timed steps"), ("warmup", "warmup steps"),
+                       ("max_new_tokens", "max new tokens"), ("decoding", "decoding"), ("clients", "clients"),
+                       ("replies_differing_between_servers", "replies differing between the servers")):  # fmt: skip
         if key in setup:
             known.append(f"{title} {setup[key]}")
     return ", ".join(known)
@@ -80,7 +88,7 @@ def file_section(path: Path, results: dict) -> list[str]:
     area = path.stem
     lines = [f"### {area}", ""]
     machine = machine_text(results.get("machine", {}))
-    lines.append(f"`{results.get('command', '?')}` on {results.get('date', '?')}; {machine}.")
+    lines.append(f"`{results.get('command', '?').strip()}` on {results.get('date', '?')}; {machine}.")
     setup = results.get("setup", {})
     if setup_text(setup):
         lines.append(f"Setup: {setup_text(setup)}.")

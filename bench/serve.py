@@ -266,7 +266,7 @@ def main(argv=None) -> int:
             c_level["tokens_per_s"] / b_level["tokens_per_s"], 2)
     machine = machine_info()
     results = {
-        "command": "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python bench/serve.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.date.today().isoformat(),
         "machine": machine,
         "versions": versions(("corral", "torch", "transformers", "fastapi", "uvicorn")),
