@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import datetime
 import json
-import os
 import statistics
 import subprocess
 import sys
