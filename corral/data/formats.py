@@ -125,7 +125,7 @@ def detect_format(record: Any) -> str:
                     "or 'instruction' (Alpaca)")
 
 
-def _require_str(value: Any, field_name: str, allow_empty: bool = False) -> str:
+def require_str(value: Any, field_name: str, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         raise DataError(f"field '{field_name}': expected a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
@@ -133,7 +133,7 @@ def _require_str(value: Any, field_name: str, allow_empty: bool = False) -> str:
     return value
 
 
-def _parse_turns(items: Any, list_field: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[Message]:
+def parse_turns(items: Any, list_field: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[Message]:
     if not isinstance(items, list) or not items:
         raise DataError(f"field '{list_field}': expected a non-empty list")
     messages: list[Message] = []
@@ -151,7 +151,7 @@ def _parse_turns(items: Any, list_field: str, role_key: str, text_key: str, role
         content = item[text_key]
         if isinstance(content, list):  # OpenAI content parts
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        content = _require_str(content, f"{where}.{text_key}", allow_empty=(role == "system"))
+        content = require_str(content, f"{where}.{text_key}", allow_empty=(role == "system"))
         # Alternation is checked here, against the source's own field names, so errors point at the record.
         expected = _expected_role(messages)
         if role == "system" and i != 0:
@@ -175,21 +175,21 @@ def parse_record(record: Any, fmt: str = "auto") -> Conversation:
     if fmt == "sharegpt":
         if "conversations" not in record:
             raise DataError("field 'conversations': missing")
-        messages = _parse_turns(record["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
+        messages = parse_turns(record["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
         if isinstance(record.get("system"), str) and record["system"].strip() and messages[0].role != "system":
             messages.insert(0, Message("system", record["system"]))
     elif fmt == "openai":
         if "messages" not in record:
             raise DataError("field 'messages': missing")
-        messages = _parse_turns(record["messages"], "messages", "role", "content", OPENAI_ROLES)
+        messages = parse_turns(record["messages"], "messages", "role", "content", OPENAI_ROLES)
     elif fmt == "alpaca":
         for key in ("instruction", "output"):
             if key not in record:
                 raise DataError(f"field '{key}': missing")
-        instruction = _require_str(record["instruction"], "instruction")
+        instruction = require_str(record["instruction"], "instruction")
         extra = record.get("input") or ""
-        _require_str(extra, "input", allow_empty=True)
-        output = _require_str(record["output"], "output")
+        require_str(extra, "input", allow_empty=True)
+        output = require_str(record["output"], "output")
         messages = [Message("user", f"{instruction}\n\n{extra}" if extra.strip() else instruction),
                     Message("assistant", output)]
         if isinstance(record.get("system"), str) and record["system"].strip():

@@ -1,0 +1,159 @@
+"""Readers for preference data: a prompt conversation and two replies, one preferred.
+
+Formats, detected per record (or forced with `fmt`):
+  pairs      `prompt` (text, or a list of OpenAI messages), `chosen`, `rejected` (texts). The arena
+             vote file that `corral serve` writes is this format; its ties (`chosen` null, `vote`
+             tie/both_bad) carry no preference and are counted and skipped.
+  messages   `chosen` / `rejected` as full OpenAI message lists that share everything but the final
+             assistant reply (the prompt).
+  hh         Anthropic HH-RLHF: `chosen` / `rejected` transcripts with `\\n\\nHuman:` / `\\n\\nAssistant:`
+             turns; the prompt is everything before the final assistant turn, and must be the same in both.
+
+Errors name the file, line and field, as the SFT readers do. Records whose chosen and rejected
+replies are identical teach nothing: they are always dropped and counted in the report.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from corral.chat.conversation import Conversation, Message
+from corral.data.formats import OPENAI_ROLES, DataError, ReadReport, parse_turns, require_str, iter_records
+
+PREFERENCE_FORMATS = ("auto", "pairs", "messages", "hh")
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+@dataclass
+class PreferencePair:
+    prompt: Conversation  # ends with a user message
+    chosen: str
+    rejected: str
+    source: str = ""  # "file:line"
+
+
+class NoPreference(Exception):
+    """The record is well-formed but states no preference (an arena tie): skipped and counted."""
+
+
+def detect_preference_format(record: Any) -> str:
+    if not isinstance(record, dict):
+        raise DataError(f"expected a JSON object, got {type(record).__name__}")
+    if "chosen" not in record or "rejected" not in record:
+        missing = "chosen" if "chosen" not in record else "rejected"
+        raise DataError(f"field '{missing}': missing (preference records have 'chosen' and 'rejected')")
+    if isinstance(record["chosen"], list):
+        return "messages"
+    if "prompt" in record:
+        return "pairs"
+    if isinstance(record["chosen"], str) and HH_TURN.search("\n\n" + record["chosen"].lstrip("\n")):
+        return "hh"
+    raise DataError("field 'prompt': missing (and 'chosen' is neither a message list nor an HH transcript)")
+
+
+def _prompt_conversation(value: Any) -> Conversation:
+    if isinstance(value, str):
+        return Conversation([Message("user", require_str(value, "prompt"))])
+    messages = parse_turns(value, "prompt", "role", "content", OPENAI_ROLES)
+    if messages[-1].role != "user":
+        raise DataError(f"field 'prompt[{len(messages) - 1}].role': the prompt must end with a user message")
+    return Conversation(messages)
+
+
+def _parse_pairs(record: dict) -> tuple[Conversation, str, str]:
+    if record.get("vote") in ("tie", "both_bad") or (record["chosen"] is None and record["rejected"] is None):
+        raise NoPreference(f"no preference ({record.get('vote') or 'chosen/rejected null'})")
+    prompt = _prompt_conversation(record["prompt"])
+    return prompt, require_str(record["chosen"], "chosen"), require_str(record["rejected"], "rejected")
+
+
+def _parse_message_lists(record: dict) -> tuple[Conversation, str, str]:
+    chosen = parse_turns(record["chosen"], "chosen", "role", "content", OPENAI_ROLES)
+    if not isinstance(record["rejected"], list):
+        raise DataError(f"field 'rejected': expected a message list like 'chosen', got {type(record['rejected']).__name__}")
+    rejected = parse_turns(record["rejected"], "rejected", "role", "content", OPENAI_ROLES)
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
+        if messages[-1].role != "assistant":
+            raise DataError(f"field '{name}[{len(messages) - 1}].role': must end with the assistant reply")
+    if chosen[:-1] != rejected[:-1]:
+        at = next((i for i, (a, b) in enumerate(zip(chosen[:-1], rejected[:-1], strict=False)) if a != b),
+                  min(len(chosen), len(rejected)) - 1)
+        raise DataError(f"field 'rejected[{at}]': chosen and rejected must share every message before the final reply")
+    if "prompt" in record and isinstance(record["prompt"], list):
+        prompt = _prompt_conversation(record["prompt"])
+        if prompt.messages != chosen[:-1]:
+            raise DataError("field 'prompt': differs from the messages before the final reply of 'chosen'")
+    return Conversation(chosen[:-1]), chosen[-1].content, rejected[-1].content
+
+
+def _parse_hh_transcript(text: Any, field: str) -> list[Message]:
+    text = require_str(text, field)
+    parts = HH_TURN.split("\n\n" + text.lstrip("\n"))
+    if parts[0].strip():
+        raise DataError(f"field '{field}': text before the first '\\n\\nHuman:' turn")
+    messages = []
+    for speaker, content in zip(parts[1::2], parts[2::2], strict=True):
+        role = "user" if speaker == "Human" else "assistant"
+        expected = "user" if len(messages) % 2 == 0 else "assistant"
+        if role != expected:
+            raise DataError(f"field '{field}': turn {len(messages)} is {speaker}, expected "
+                            f"{'Human' if expected == 'user' else 'Assistant'} (turns must alternate)")
+        messages.append(Message(role, content.strip()))
+    if not messages or messages[-1].role != "assistant":
+        raise DataError(f"field '{field}': must end with an '\\n\\nAssistant:' turn")
+    return messages
+
+
+def _parse_hh(record: dict) -> tuple[Conversation, str, str]:
+    chosen = _parse_hh_transcript(record["chosen"], "chosen")
+    rejected = _parse_hh_transcript(record["rejected"], "rejected")
+    if chosen[:-1] != rejected[:-1]:
+        raise DataError("field 'rejected': its turns before the final Assistant reply differ from 'chosen'")
+    return Conversation(chosen[:-1]), chosen[-1].content, rejected[-1].content
+
+
+PARSERS = {"pairs": _parse_pairs, "messages": _parse_message_lists, "hh": _parse_hh}
+
+
+def parse_preference(record: Any, fmt: str = "auto") -> PreferencePair:
+    if fmt not in PREFERENCE_FORMATS:
+        raise DataError(f"unknown preference format '{fmt}' (expected one of {', '.join(PREFERENCE_FORMATS)})")
+    detected = detect_preference_format(record)
+    prompt, chosen, rejected = PARSERS[detected if fmt == "auto" else fmt](record)
+    return PreferencePair(prompt, chosen, rejected)
+
+
+def read_preferences(path: str | Path, fmt: str = "auto", skip_invalid: bool = False) -> tuple[list[PreferencePair], ReadReport]:
+    """All preference pairs in a file; invalid records raise (or are counted, with `skip_invalid`)."""
+    report = ReadReport(str(path))
+    pairs: list[PreferencePair] = []
+
+    def skip(reason: str, message: str) -> None:
+        report.skipped[reason] += 1
+        report.examples.setdefault(reason, message)
+
+    for location, record in iter_records(path):
+        report.total += 1
+        try:
+            pair = parse_preference(record, fmt)
+        except NoPreference as e:
+            skip("no preference (tie or both bad)", f"{location}: {e}")
+            continue
+        except DataError as e:
+            if not skip_invalid:
+                raise DataError(f"{location}: {e}") from None
+            reason = str(e).split(":")[0] if str(e).startswith("field") else str(e)
+            skip(reason, f"{location}: {e}")
+            continue
+        if pair.chosen.strip() == pair.rejected.strip():
+            skip("chosen identical to rejected", location)
+            continue
+        pair.source = location
+        pairs.append(pair)
+        report.kept += 1
+    if not pairs:
+        raise DataError(f"{path}: no usable preference pairs ({report.summary()})")
+    return pairs, report
