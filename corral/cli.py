@@ -22,6 +22,8 @@ from corral.config import (
     InspectConfig,
     MergeConfig,
     QuickstartConfig,
+    RewardConfig,
+    RewardScoreConfig,
     ServeConfig,
     SFTConfig,
     load_config,
@@ -42,7 +44,9 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "quickstart": Command(
-        QuickstartConfig, "corral.recipes.quickstart:run",
+        QuickstartConfig,
+    RewardConfig,
+    RewardScoreConfig, "corral.recipes.quickstart:run",
         "LoRA SFT of the embedded model on Corral's identity data; answers before and after",
         default_config="quickstart.yaml",
     ),
@@ -55,6 +59,16 @@ COMMANDS: dict[str, Command] = {
         MergeConfig, "corral.recipes.merge:run",
         "fold a LoRA adapter into its base model and write a plain HF folder",
         aliases={"--output": "output_dir"}, positional="adapter",
+    ),
+    "reward": Command(
+        RewardConfig, "corral.recipes.reward:run",
+        "train a reward model on preference pairs (pairwise loss); held-out accuracy and margin",
+        aliases={"--data": "data.path"},
+    ),
+    "reward score": Command(
+        RewardScoreConfig, "corral.recipes.reward:score",
+        "score conversations (or preference pairs) with a reward model",
+        aliases={"--data": "data", "--model": "model"},
     ),
     "serve": Command(
         ServeConfig, "corral.recipes.serve:run",
@@ -176,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = argv[0]
     rest = argv[1:]
-    if name not in COMMANDS and rest and f"{name} {rest[0]}" in COMMANDS:
+    if rest and f"{name} {rest[0]}" in COMMANDS:  # two-word commands (`data inspect`, `reward score`) first
         name, rest = f"{name} {rest[0]}", rest[1:]
     if name not in COMMANDS:
         print(f"corral: unknown command '{' '.join(argv[:2]) if argv[0] == 'data' else name}'\n\n{usage()}", file=sys.stderr)

@@ -124,6 +124,38 @@ class InspectConfig(Section):
     num_samples: int = Field(3, ge=0, description="How many rendered samples to print.")
 
 
+class PreferenceDataConfig(Section):
+    path: str = Field("", description="Preference pairs: pairs / message-list / Anthropic HH records, or an arena vote file.")
+    format: Literal["auto", "pairs", "messages", "hh"] = Field("auto", description="Record format; `auto` detects it.")
+    skip_invalid: bool = Field(False, description="Drop invalid records (counted and reported) instead of failing.")
+    eval_path: str = Field("", description="Optional held-out preference pairs.")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held-out fraction of `path` when `eval_path` is empty.")
+    split: str = Field("", description="DeepSpeed-Chat stage split of `path`, e.g. `2,4,4` (SFT, reward, RL); empty: all.")
+    split_stage: int = Field(1, ge=0, description="Which part of `split` this run uses (0-based; reward is 1).")
+    split_seed: int = Field(1234, description="Seed of the stage split: every stage must use the same one.")
+
+
+class RewardConfig(Section):
+    model: str = Field(EMBEDDED_MODEL, description="Base model (usually the SFT model) the reward model starts from.")
+    template: str = Field("auto", description="Chat template the prompt and reply are rendered with.")
+    method: Literal["full", "lora"] = Field("lora", description="Train the whole model, or LoRA plus the score head.")
+    output_dir: str = Field("runs/reward", description="Where checkpoints, metrics and the reward model go.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype.")
+    margin: float = Field(0.0, ge=0, description="Loss margin: -log sigmoid(r_chosen - r_rejected - margin).")
+    data: PreferenceDataConfig = PreferenceDataConfig()
+    train: TrainConfig = TrainConfig(lr=1e-4, epochs=1.0)
+    lora: LoraConfig = LoraConfig()
+
+
+class RewardScoreConfig(Section):
+    model: str = Field(..., description="A reward model (corral reward output).")
+    data: str = Field(..., description="Conversations (ShareGPT / OpenAI / Alpaca) or preference pairs to score.")
+    template: str = Field("auto", description="Chat template (auto: the one saved with the reward model).")
+    output: str = Field("", description="Write scores as JSONL here (default: print them).")
+    batch_size: int = Field(8, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto")
+
+
 class ServeConfig(Section):
     models: list[str] = Field(
         default_factory=list,

@@ -10,14 +10,16 @@ from corral.atomic import atomic_dir
 
 
 def add_lora(model, r: int, alpha: int, dropout: float, target_modules, quantized: bool = False,
-             gradient_checkpointing: bool = False):
+             gradient_checkpointing: bool = False, task_type: str = "CAUSAL_LM",
+             modules_to_save: list[str] | None = None):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
         # Casts norms to fp32 and makes inputs require grad, as QLoRA needs on a frozen 4-bit base.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type=task_type,
+        modules_to_save=modules_to_save,
     )
     return get_peft_model(model, config)
 

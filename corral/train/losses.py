@@ -19,3 +19,8 @@ def token_nll_sum(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Te
     trained = targets != IGNORE_INDEX
     logits = head(hidden[trained]).float()  # (N, vocab)
     return F.cross_entropy(logits, targets[trained], reduction="sum"), trained.sum()
+
+
+def pairwise_reward_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Bradley-Terry loss of a reward model. chosen, rejected (B,) scores. Returns (B,) -log sigmoid(rc - rr - margin)."""
+    return -torch.nn.functional.logsigmoid(chosen.float() - rejected.float() - margin)

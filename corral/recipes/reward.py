@@ -1,0 +1,205 @@
+"""`corral reward`: a reward model from preference pairs (DeepSpeed-Chat step 2); `corral reward score`.
+
+Each pair becomes two sequences rendered by the chat template: the prompt plus the chosen reply and
+its end-of-turn, and the same with the rejected reply. The score of a sequence is the scalar head at
+its last real token; the loss is -log sigmoid(r_chosen - r_rejected - margin), summed over pairs and
+normalised by the pairs of the whole optimizer step (the one loop does that). At the end, held-out
+accuracy (chosen scored above rejected), mean margin and mean scores are printed, written to
+`metrics.jsonl` and to `eval.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from corral.atomic import append_line, atomic_dir, atomic_write_text
+from corral.chat.conversation import Conversation, Message
+from corral.chat.templates import get_template
+from corral.config import RewardConfig, RewardScoreConfig, dump_config, save_config
+from corral.data.mix import stage_split
+from corral.data.preference import PreferencePair, read_preferences
+from corral.models.adapters import add_lora, trainable_parameter_count
+from corral.models.load import load_tokenizer
+from corral.models.reward import load_reward_model, sequence_scores
+from corral.recipes.sft import save_model_folder, split_eval
+from corral.train.loop import make_accelerator, train
+from corral.train.losses import pairwise_reward_loss
+
+
+@dataclass
+class PairRow:
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    num_targets: int = 1  # the loop normalises by pairs
+
+    @property
+    def input_ids(self) -> list[int]:  # token count for throughput metrics
+        return self.chosen_ids + self.rejected_ids
+
+
+def render_reply(fmt, prompt: Conversation, reply: str) -> list[int]:
+    """Prompt + reply + end-of-turn, exactly as SFT renders a trained reply."""
+    ids, _ = fmt.render_with_masks(Conversation(prompt.messages + [Message("assistant", reply)]))
+    return ids
+
+
+def pairs_to_rows(pairs: list[PreferencePair], fmt, max_len: int) -> tuple[list[PairRow], int]:
+    """Rows, and how many pairs were dropped because a side is longer than max_len (truncating would cut the
+    reply's end, where the score is read)."""
+    rows, too_long = [], 0
+    for pair in pairs:
+        chosen, rejected = render_reply(fmt, pair.prompt, pair.chosen), render_reply(fmt, pair.prompt, pair.rejected)
+        if max(len(chosen), len(rejected)) > max_len:
+            too_long += 1
+            continue
+        rows.append(PairRow(chosen, rejected))
+    return rows, too_long
+
+
+def collate_pairs(rows: list[PairRow], pad_id: int) -> dict:
+    """Chosen sequences first, then rejected, right-padded into one (2B, L) batch."""
+    sequences = [r.chosen_ids for r in rows] + [r.rejected_ids for r in rows]
+    width = max(map(len, sequences))
+    input_ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences])
+    attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def pair_scores(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+    half = scores.shape[0] // 2
+    return scores[:half], scores[half:]
+
+
+def reward_loss(model, batch, margin: float = 0.0):
+    chosen, rejected = pair_scores(model, batch)
+    losses = pairwise_reward_loss(chosen, rejected, margin)
+    return losses.sum(), torch.tensor(float(len(losses)), device=losses.device)
+
+
+@torch.no_grad()
+def evaluate_pairs(model, rows: list[PairRow], pad_id: int, batch_size: int, device) -> dict:
+    """Accuracy (chosen above rejected), mean margin and mean scores over `rows`."""
+    model.eval()
+    chosen_all, rejected_all = [], []
+    for i in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate_pairs(rows[i : i + batch_size], pad_id).items()}
+        chosen, rejected = pair_scores(model, batch)
+        chosen_all.append(chosen.cpu())
+        rejected_all.append(rejected.cpu())
+    chosen, rejected = torch.cat(chosen_all), torch.cat(rejected_all)
+    return {"pairs": len(rows), "accuracy": (chosen > rejected).float().mean().item(),
+            "mean_margin": (chosen - rejected).mean().item(), "mean_chosen": chosen.mean().item(),
+            "mean_rejected": rejected.mean().item()}  # fmt: skip
+
+
+def prepare_model(cfg: RewardConfig, pad_id: int, device):
+    model = load_reward_model(cfg.model, dtype=cfg.dtype, device=device, pad_token_id=pad_id)
+    if cfg.method == "lora":
+        model = add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules,
+                         task_type="SEQ_CLS", modules_to_save=["score"])
+    return model
+
+
+def run(cfg: RewardConfig):
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    main = accelerator.is_main_process
+    out = Path(cfg.output_dir)
+    log = print if main else (lambda *a, **k: None)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+    log(f"corral reward: resolved config\n{dump_config(cfg)}")
+    set_seed(cfg.train.seed)
+
+    tokenizer = load_tokenizer(cfg.model)
+    fmt = get_template(cfg.template, tokenizer)
+    pairs, report = read_preferences(cfg.data.path, cfg.data.format, cfg.data.skip_invalid)
+    log(report.summary())
+    if cfg.data.split:
+        pairs = stage_split(pairs, cfg.data.split, cfg.data.split_stage, cfg.data.split_seed)
+        log(f"stage split {cfg.data.split}: part {cfg.data.split_stage} has {len(pairs)} pairs")
+    if cfg.data.eval_path:
+        eval_pairs, eval_report = read_preferences(cfg.data.eval_path, cfg.data.format, cfg.data.skip_invalid)
+        log(eval_report.summary())
+        train_pairs = pairs
+    else:
+        train_pairs, eval_pairs = split_eval(pairs, cfg.data.eval_fraction, cfg.train.seed)
+    rows, too_long = pairs_to_rows(train_pairs, fmt, cfg.train.max_len)
+    eval_rows, eval_too_long = pairs_to_rows(eval_pairs, fmt, cfg.train.max_len)
+    log(f"{len(rows)} training pairs, {len(eval_rows)} held out"
+        + (f"; dropped {too_long + eval_too_long} longer than train.max_len={cfg.train.max_len}" if too_long + eval_too_long else ""))
+    if not rows:
+        raise ValueError(f"no training pairs left from {cfg.data.path}")
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = prepare_model(cfg, pad_id, accelerator.device)
+    trainable, total = trainable_parameter_count(model)
+    log(f"reward model from {cfg.model} ({cfg.method}): {trainable:,} trainable of {total:,} parameters")
+    tokenizer.chat_template = getattr(fmt, "chat_template_jinja", tokenizer.chat_template)
+    save = partial(save_model_folder, tokenizer=tokenizer)
+    result = train(
+        model, rows, collate_fn=partial(collate_pairs, pad_id=pad_id), loss_fn=partial(reward_loss, margin=cfg.margin),
+        settings=cfg.train, output_dir=out, save_model=save, accelerator=accelerator, eval_rows=eval_rows,
+    )  # fmt: skip
+    model_dir = out / "model"
+    stats = None
+    if main:
+        with atomic_dir(model_dir) as tmp:
+            save(model, tmp)
+        if eval_rows:
+            stats = evaluate_pairs(model, eval_rows, pad_id, cfg.train.batch_size, accelerator.device)
+            append_line(result.metrics_path, json.dumps({"step": result.steps, **{f"eval_{k}": v for k, v in stats.items()}}))
+            atomic_write_text(out / "eval.json", json.dumps(stats, indent=2) + "\n")
+            log(f"held-out: accuracy {stats['accuracy']:.3f} on {stats['pairs']} pairs, mean margin "
+                f"{stats['mean_margin']:.3f} (chosen {stats['mean_chosen']:.3f}, rejected {stats['mean_rejected']:.3f})")
+        log(f"reward model: {model_dir}\nmetrics: {result.metrics_path}\nloss curve: {out / 'loss.png'}")
+    accelerator.wait_for_everyone()
+    return model_dir, result, stats
+
+
+def score(cfg: RewardScoreConfig):
+    """Print (or write) the reward of each conversation's last reply, or of both sides of each preference pair."""
+    from corral.data.formats import DataError, read_conversations
+
+    tokenizer = load_tokenizer(cfg.model)
+    fmt = get_template(cfg.template, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = load_reward_model(cfg.model, dtype=cfg.dtype, pad_token_id=pad_id)
+    device = next(model.parameters()).device
+    try:
+        conversations, _ = read_conversations(cfg.data)
+        items = [(c.source, fmt.render_with_masks(c)[0], None) for c in conversations]
+    except DataError:
+        pairs, _ = read_preferences(cfg.data)
+        items = [(p.source, render_reply(fmt, p.prompt, p.chosen), render_reply(fmt, p.prompt, p.rejected)) for p in pairs]
+    records = []
+    for i in range(0, len(items), cfg.batch_size):
+        chunk = items[i : i + cfg.batch_size]
+        sequences = [ids for _, ids, _ in chunk] + [ids for _, _, ids in chunk if ids is not None]
+        width = max(map(len, sequences))
+        batch = {"input_ids": torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences], device=device),
+                 "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=device)}
+        with torch.no_grad():
+            scores = sequence_scores(model, **batch).tolist()
+        for j, (source, _, rejected) in enumerate(chunk):
+            record = {"source": source, "score": round(scores[j], 4)}
+            if rejected is not None:
+                record = {"source": source, "chosen": round(scores[j], 4), "rejected": round(scores[len(chunk) + j], 4)}
+            records.append(record)
+    lines = [json.dumps(r) for r in records]
+    if cfg.output:
+        atomic_write_text(cfg.output, "\n".join(lines) + "\n")
+        print(f"wrote {len(records)} scores to {cfg.output}")
+    else:
+        print("\n".join(lines))
+    return records
+
+

@@ -1,0 +1,98 @@
+"""Reward model: scores read at the last real token, the pairwise loss, and a tiny model that learns a preference."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from corral.train.losses import pairwise_reward_loss
+
+
+@pytest.fixture(scope="module")
+def reward_model(tiny_model_dir, tiny_tokenizer):
+    from corral.models.reward import load_reward_model
+
+    return load_reward_model(str(tiny_model_dir), pad_token_id=tiny_tokenizer.pad_token_id)
+
+
+def test_score_is_read_at_the_last_real_token_for_both_padding_sides(reward_model, tiny_tokenizer):
+    from corral.models.reward import last_token_index, sequence_scores
+
+    eos = tiny_tokenizer.eos_token_id  # pad == eos here, and sequences end with it: transformers' own pooling would misread
+    seqs = [[5, 9, 33, 41, eos], [7, 8, eos], [12, 80, 81, 82, 83, 84, eos]]
+    alone = torch.cat([sequence_scores(reward_model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)) for s in seqs])
+    width = max(map(len, seqs))
+    right = torch.tensor([s + [eos] * (width - len(s)) for s in seqs])
+    right_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    left = torch.tensor([[eos] * (width - len(s)) + s for s in seqs])
+    left_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    assert last_token_index(right_mask).tolist() == [4, 2, 6]
+    assert last_token_index(left_mask).tolist() == [6, 6, 6]
+    torch.testing.assert_close(sequence_scores(reward_model, right, right_mask), alone, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sequence_scores(reward_model, left, left_mask), alone, rtol=1e-4, atol=1e-5)
+
+
+def test_pairwise_loss_values():
+    chosen, rejected = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([0.0, 0.0, 1.0])
+    expected = torch.log1p(torch.exp(-(chosen - rejected)))
+    torch.testing.assert_close(pairwise_reward_loss(chosen, rejected), expected)
+    torch.testing.assert_close(pairwise_reward_loss(chosen, rejected, margin=1.0), torch.log1p(torch.exp(-(chosen - rejected - 1.0))))
+
+
+def synthetic_preferences(path, n: int, seed: int):
+    """The chosen reply is polite (says thank you), the rejected one is not; otherwise alike."""
+    rng = random.Random(seed)
+    topics = ["the weather", "a horse", "Corral", "training", "the model", "data", "a question", "the answer"]
+    records = []
+    for _ in range(n):
+        topic = rng.choice(topics)
+        body = f"I can tell you about {topic}."
+        records.append({"prompt": f"Tell me about {topic}, please.", "chosen": f"Thank you for asking! {body}",
+                        "rejected": f"{body} Go away."})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_tiny_reward_model_learns_a_preference_and_scores(tmp_path, tiny_model_dir, capsys):
+    from corral.config import RewardConfig, RewardScoreConfig
+    from corral.recipes import reward
+
+    data = synthetic_preferences(tmp_path / "prefs.jsonl", 200, seed=0)
+    cfg = RewardConfig(
+        model=str(tiny_model_dir), template="chatml", method="full", output_dir=str(tmp_path / "rm"),
+        data={"path": str(data), "eval_fraction": 0.2},
+        train={"max_steps": 30, "batch_size": 8, "lr": 1e-3, "max_len": 128, "warmup_ratio": 0, "resume": "never"},
+    )  # fmt: skip
+    model_dir, result, stats = reward.run(cfg)
+    assert stats["pairs"] == 40 and stats["accuracy"] >= 0.9 and stats["mean_margin"] > 0
+    rows = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    assert rows[-1]["eval_accuracy"] == stats["accuracy"]
+    assert json.loads((tmp_path / "rm" / "eval.json").read_text())["accuracy"] == stats["accuracy"]
+
+    records = reward.score(RewardScoreConfig(model=str(model_dir), data=str(data), template="chatml"))
+    assert sum(r["chosen"] > r["rejected"] for r in records) / len(records) >= 0.9  # reloaded from disk, same preference
+
+
+def test_lora_reward_model_saves_and_reloads_its_head(tmp_path, tiny_model_dir):
+    from corral.config import RewardConfig
+    from corral.models.reward import load_reward_model, sequence_scores
+    from corral.recipes import reward
+
+    data = synthetic_preferences(tmp_path / "prefs.jsonl", 40, seed=1)
+    cfg = RewardConfig(
+        model=str(tiny_model_dir), template="chatml", method="lora", output_dir=str(tmp_path / "rm"),
+        data={"path": str(data), "eval_fraction": 0.25}, lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        train={"max_steps": 3, "batch_size": 4, "lr": 1e-3, "max_len": 128, "resume": "never"},
+    )  # fmt: skip
+    model_dir, _, stats = reward.run(cfg)
+    assert (model_dir / "adapter_config.json").is_file()
+    reloaded = load_reward_model(str(model_dir))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    mask = torch.ones_like(ids)
+    again = load_reward_model(str(model_dir))
+    torch.testing.assert_close(sequence_scores(reloaded, ids, mask), sequence_scores(again, ids, mask))
+    fresh = load_reward_model(str(tiny_model_dir))  # a new random head: must differ from the trained one
+    assert not torch.allclose(sequence_scores(fresh, ids, mask), sequence_scores(reloaded, ids, mask))
