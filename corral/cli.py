@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from corral.config import (
     ChatConfig,
     ConfigError,
+    DPOConfig,
     InspectConfig,
     MergeConfig,
     QuickstartConfig,
@@ -69,6 +70,11 @@ COMMANDS: dict[str, Command] = {
         RewardScoreConfig, "corral.recipes.reward:score",
         "score conversations (or preference pairs) with a reward model",
         aliases={"--data": "data", "--model": "model"},
+    ),
+    "dpo": Command(
+        DPOConfig, "corral.recipes.dpo:run",
+        "direct preference optimisation (DPO / IPO / SimPO) on preference pairs",
+        aliases={"--data": "data.path"},
     ),
     "serve": Command(
         ServeConfig, "corral.recipes.serve:run",

@@ -147,6 +147,24 @@ class RewardConfig(Section):
     lora: LoraConfig = LoraConfig()
 
 
+class DPOConfig(Section):
+    model: str = Field(EMBEDDED_MODEL, description="The policy to start from (usually the SFT model); also the reference.")
+    template: str = Field("auto", description="Chat template the prompt and replies are rendered with.")
+    method: Literal["full", "lora"] = Field("lora", description="LoRA: the reference is the base with the adapter "
+                                            "disabled (no second copy). Full: a frozen copy, or precompute_ref.")
+    output_dir: str = Field("runs/dpo", description="Where checkpoints, metrics and the model go.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype.")
+    loss: Literal["dpo", "ipo", "simpo"] = Field("dpo", description="dpo (sigmoid), ipo (squared), simpo (no reference).")
+    beta: float = Field(0.1, gt=0, description="Strength of the pull to the reference (SimPO: reward scale, ~2).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed label noise (conservative DPO).")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO target margin.")
+    precompute_ref: bool = Field(False, description="Compute reference log-probs once before training (no "
+                                 "reference model in memory during training).")
+    data: PreferenceDataConfig = PreferenceDataConfig()
+    train: TrainConfig = TrainConfig(lr=5e-5, epochs=1.0)
+    lora: LoraConfig = LoraConfig()
+
+
 class RewardScoreConfig(Section):
     model: str = Field(..., description="A reward model (corral reward output).")
     data: str = Field(..., description="Conversations (ShareGPT / OpenAI / Alpaca) or preference pairs to score.")

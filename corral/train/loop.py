@@ -1,7 +1,9 @@
 """The one training loop, on accelerate. SFT uses it; reward, DPO and PPO recipes reuse it.
 
 A recipe hands it the model, a list of rows, `collate` (rows -> tensors) and `loss_fn`
-(model, batch -> summed loss, number of targets). The loop owns the rest: data order, gradient
+(model, batch -> summed loss, number of targets[, stats]). `stats` is an optional dict of summed
+per-target quantities (DPO's reward accuracy, margins...): the loop sums them over the step on every
+process and logs each divided by the step's targets, beside the loss. The loop owns the rest: data order, gradient
 accumulation, clipping, optimizer and schedule, evaluation, checkpoints and resume, metrics.
 
 The loss of an optimizer step is the sum of token losses over every micro-batch of the step, on
@@ -99,7 +101,7 @@ def evaluate(model, rows: Sequence, collate_fn, loss_fn, accelerator, batch_size
         for i in range(0, len(mine), batch_size):
             batch = _to_device(collate_fn([rows[j] for j in mine[i : i + batch_size]]), accelerator.device)
             with accelerator.autocast():
-                loss_sum, n = loss_fn(model, batch)
+                loss_sum, n, *_ = loss_fn(model, batch)
             total += torch.stack([loss_sum.double(), n.double()])
     total = accelerator.reduce(total, reduction="sum")
     model.train()
@@ -167,11 +169,14 @@ def train(
         step_tokens = sum(count_tokens(rows[i]) for i in step_rows)
         micro = plan.micro_batches(step, accelerator.process_index)
         loss_sum_total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+        stat_sums: dict[str, torch.Tensor] = {}
         for k, row_ids in enumerate(micro):
             batch = _to_device(collate_fn([rows[i] for i in row_ids]), accelerator.device)
             sync = k == len(micro) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-                loss_sum, _ = loss_fn(model, batch)
+                loss_sum, _, *extra = loss_fn(model, batch)
+                for name, value in (extra[0] if extra else {}).items():
+                    stat_sums[name] = stat_sums.get(name, 0) + value.detach().double()
                 # DDP averages gradients over processes; multiply back so the step's gradient is the
                 # gradient of (sum of all token losses) / (all target tokens).
                 accelerator.backward(loss_sum * accelerator.num_processes / max(step_targets, 1))
@@ -199,6 +204,8 @@ def train(
                 "seen_tokens": seen_tokens,
                 "elapsed_s": time.perf_counter() - started,
             }
+            for name, value in stat_sums.items():
+                record[name] = accelerator.reduce(value, reduction="sum").item() / max(step_targets, 1)
             metrics.log(record)
             progress.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         progress.update(1)
