@@ -45,9 +45,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "quickstart": Command(
-        QuickstartConfig,
-    RewardConfig,
-    RewardScoreConfig, "corral.recipes.quickstart:run",
+        QuickstartConfig, "corral.recipes.quickstart:run",
         "LoRA SFT of the embedded model on Corral's identity data; answers before and after",
         default_config="quickstart.yaml",
     ),

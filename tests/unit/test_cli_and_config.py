@@ -53,9 +53,23 @@ def test_yaml_then_overrides(tmp_path):
 def test_shipped_configs_are_valid():
     from corral.cli import resolve_config_path
 
-    for name in ("sft_lora.yaml", "sft_full.yaml", "sft_qlora.yaml", "sft_prefix.yaml"):
-        cfg = load_config(SFTConfig, resolve_config_path(name))
+    from corral.config import DPOConfig, RewardConfig
+
+    for name, cls in [("sft_lora.yaml", SFTConfig), ("sft_full.yaml", SFTConfig), ("sft_qlora.yaml", SFTConfig),
+                      ("sft_prefix.yaml", SFTConfig), ("reward_lora.yaml", RewardConfig), ("dpo_lora.yaml", DPOConfig)]:
+        cfg = load_config(cls, resolve_config_path(name))
         assert cfg.model == "smollm2-135m"
+
+
+def test_two_word_commands_and_repeated_keys(capsys):
+    from corral.cli import COMMANDS, build_config, parse_args
+
+    for name in COMMANDS:
+        assert main([*name.split(), "--help"]) == 0
+        assert capsys.readouterr().out.startswith(f"corral {name}:")
+    cfg = build_config(COMMANDS["serve"], *parse_args("serve", COMMANDS["serve"], ["--model", "a=x", "--model", "b=y"]))
+    assert cfg.models == ["a=x", "b=y"]
+    assert build_config(COMMANDS["serve"], *parse_args("serve", COMMANDS["serve"], ["--model", "a=x"])).models == ["a=x"]
 
 
 def test_console_script_runs_sft_prints_and_saves_resolved_config(tiny_model_dir, tmp_path):
