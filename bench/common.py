@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
+import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine_info() -> dict:
@@ -42,3 +49,47 @@ def versions(packages=("corral", "transformers", "peft", "accelerate", "trl", "d
 
 def gpu_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def timed_window(step_ends: list[float], tokens: list[int], targets: list[int], warmup: int) -> dict:
+    """Throughput over steps warmup+1..N: `step_ends[k]` is when step k+1 ended (0-based list).
+
+    The window runs from the end of the last warmup step to the end of the last step, so it holds
+    everything done between steps too (data loading, collation, logging), for every row alike.
+    """
+    timed_s = step_ends[-1] - step_ends[warmup - 1]
+    timed_tokens = sum(tokens[warmup:])
+    timed_targets = sum(targets[warmup:])
+    step_s = [b - a for a, b in zip(step_ends[warmup - 1 : -1], step_ends[warmup:])]
+    return {
+        "tokens_per_s": timed_tokens / timed_s,
+        "target_tokens_per_s": timed_targets / timed_s,
+        "steps": len(step_ends),
+        "timed_steps": len(step_ends) - warmup,
+        "timed_s": timed_s,
+        "timed_tokens": timed_tokens,
+        "timed_target_tokens": timed_targets,
+        "median_step_s": statistics.median(step_s),
+        "tokens_per_step": timed_tokens / (len(step_ends) - warmup),  # peak memory follows this, not tokens/s
+    }
+
+
+def run_row_child(script: Path, key: str, name: str, argv: list[str], workdir: Path) -> dict:
+    """Run one row in a fresh child; its peak RSS comes from os.wait4 (that child alone, kernel-tracked)."""
+    result_path = workdir / f"{key}.json"
+    log_path = workdir / f"{key}.log"
+    cmd = [sys.executable, str(Path(script).resolve()), *argv, "--child", key, "--child-result", str(result_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)  # tell Popen it was reaped
+    wall = time.perf_counter() - started
+    if child.returncode != 0 or not result_path.is_file():
+        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-40:])
+        raise SystemExit(f"row {name!r} failed (exit {child.returncode}); last lines of its output:\n{tail}")
+    row = {"name": name, **json.loads(result_path.read_text())}
+    row["peak_rss_mb"] = usage.ru_maxrss / 1024  # KiB on Linux
+    row["process_wall_s"] = wall
+    return row

@@ -23,10 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shlex
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # measure this checkout's corral, installed or not
 
-from bench.common import gpu_slug, machine_info, versions  # noqa: E402
+from bench.common import gpu_slug, machine_info, run_row_child, timed_window, versions  # noqa: E402
 
 MODEL = "smollm2-135m"
 TEMPLATE = "chatml"
@@ -77,29 +74,6 @@ def on_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def timed_window(step_ends: list[float], tokens: list[int], targets: list[int], warmup: int) -> dict:
-    """Throughput over steps warmup+1..N: `step_ends[k]` is when step k+1 ended (0-based list).
-
-    The window runs from the end of the last warmup step to the end of the last step, so it holds
-    everything done between steps too (data loading, collation, logging), for every row alike.
-    """
-    timed_s = step_ends[-1] - step_ends[warmup - 1]
-    timed_tokens = sum(tokens[warmup:])
-    timed_targets = sum(targets[warmup:])
-    step_s = [b - a for a, b in zip(step_ends[warmup - 1 : -1], step_ends[warmup:])]
-    return {
-        "tokens_per_s": timed_tokens / timed_s,
-        "target_tokens_per_s": timed_targets / timed_s,
-        "steps": len(step_ends),
-        "timed_steps": len(step_ends) - warmup,
-        "timed_s": timed_s,
-        "timed_tokens": timed_tokens,
-        "timed_target_tokens": timed_targets,
-        "median_step_s": statistics.median(step_s),
-        "tokens_per_step": timed_tokens / (len(step_ends) - warmup),  # peak memory follows this, not tokens/s
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,24 +244,7 @@ def child_main(args: argparse.Namespace) -> None:
 
 
 def run_child(key: str, args: argparse.Namespace, argv: list[str], workdir: Path) -> dict:
-    """Run one row in a fresh child; its peak RSS comes from os.wait4 (that child alone, kernel-tracked)."""
-    result_path = workdir / f"{key}.json"
-    log_path = workdir / f"{key}.log"
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", key, "--child-result", str(result_path)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    started = time.perf_counter()
-    with open(log_path, "w") as log:
-        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)  # tell Popen it was reaped
-    wall = time.perf_counter() - started
-    if child.returncode != 0 or not result_path.is_file():
-        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-40:])
-        raise SystemExit(f"row {ROWS[key]!r} failed (exit {child.returncode}); last lines of its output:\n{tail}")
-    row = {"name": ROWS[key], **json.loads(result_path.read_text())}
-    row["peak_rss_mb"] = usage.ru_maxrss / 1024  # KiB on Linux
-    row["process_wall_s"] = wall
-    return row
+    return run_row_child(Path(__file__), key, ROWS[key], argv, workdir)
 
 
 def data_facts(args: argparse.Namespace) -> dict:
