@@ -146,7 +146,8 @@ def run_trl(args, kind: str, workdir: Path) -> dict:
         "learning_rate": args.lr, "lr_scheduler_type": "cosine", "warmup_steps": 0, "weight_decay": 0.0,
         "max_grad_norm": 1.0, "optim": "adamw_torch", "max_length": args.max_len, "use_cpu": True,
         "eval_strategy": "no", "save_strategy": "no", "report_to": "none", "seed": SEED, "dataloader_num_workers": 0,
-        "gradient_checkpointing": False, "logging_steps": 1,
+        "activation_checkpointing": False, "logging_steps": 1,
+        "bf16": False,  # TRL defaults to bf16, which this CPU barely runs; fp32 as Corral on CPU
     }  # fmt: skip
     if kind == "reward":
         from trl import RewardConfig, RewardTrainer
