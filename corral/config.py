@@ -25,6 +25,13 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class SourceConfig(Section):
+    path: str = Field(..., description="A data file or `builtin:NAME`, read with the section's format.")
+    name: str = Field("", description="Name in the mixture report (default: the path).")
+    weight: float = Field(1.0, ge=0, description="Take weight x the source's size (0.5: a random half, 2: twice).")
+    count: int = Field(0, ge=0, description="Take exactly this many records instead (0: use weight).")
+
+
 class DataConfig(Section):
     path: str = Field("", description="Conversation data: .json, .jsonl, .parquet file or a local `datasets` folder.")
     format: Literal["auto", "sharegpt", "openai", "alpaca"] = Field(
@@ -36,6 +43,12 @@ class DataConfig(Section):
     eval_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Hold out this fraction of `path` for evaluation when `eval_path` is empty."
     )
+    sources: list[SourceConfig] = Field(default_factory=list, description="A mixture of several sources (instead "
+                                        "of `path`), each with a weight or a count (Koala-style).")
+    mix_seed: int = Field(1234, description="Seed of the mixture.")
+    split: str = Field("", description="DeepSpeed-Chat stage split of the data, e.g. `2,4,4` (SFT, reward, RL).")
+    split_stage: int = Field(0, ge=0, description="Which part of `split` this run uses (0-based; SFT is 0).")
+    split_seed: int = Field(1234, description="Seed of the stage split: every stage must use the same one.")
 
 
 class TrainConfig(Section):
@@ -130,7 +143,10 @@ class PreferenceDataConfig(Section):
     skip_invalid: bool = Field(False, description="Drop invalid records (counted and reported) instead of failing.")
     eval_path: str = Field("", description="Optional held-out preference pairs.")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held-out fraction of `path` when `eval_path` is empty.")
-    split: str = Field("", description="DeepSpeed-Chat stage split of `path`, e.g. `2,4,4` (SFT, reward, RL); empty: all.")
+    sources: list[SourceConfig] = Field(default_factory=list, description="A mixture of several sources (instead "
+                                        "of `path`), each with a weight or a count.")
+    mix_seed: int = Field(1234, description="Seed of the mixture.")
+    split: str = Field("", description="DeepSpeed-Chat stage split of the data, e.g. `2,4,4` (SFT, reward, RL); empty: all.")
     split_stage: int = Field(1, ge=0, description="Which part of `split` this run uses (0-based; reward is 1).")
     split_seed: int = Field(1234, description="Seed of the stage split: every stage must use the same one.")
 

@@ -83,3 +83,27 @@ def mix(sources: list[Source], seed: int = 1234) -> tuple[list, MixReport]:
         mixed += part
     rng.shuffle(mixed)
     return mixed, MixReport(taken)
+
+
+def load_records(reader, path: str, sources: list, mix_seed: int, split: str, split_stage: int, split_seed: int,
+                 log=print) -> list:
+    """A recipe's data: one file, or a mixture of `sources` (SourceConfig-like: path, name, weight,
+    count), then this stage's part of a stage split. `reader(path)` returns (records, ReadReport).
+    Every stage of a pipeline must pass the same sources, seeds and split to get disjoint parts."""
+    if sources:
+        parts = []
+        for source in sources:
+            records, report = reader(source.path)
+            log(report.summary())
+            parts.append(Source(source.name or source.path, records, source.weight, source.count))
+        records, mix_report = mix(parts, mix_seed)
+        log(mix_report.summary())
+    else:
+        records, report = reader(path)
+        log(report.summary())
+    if split:
+        total = len(records)
+        records = stage_split(records, split, split_stage, split_seed)
+        log(f"stage split {split}: part {split_stage} has {len(records)} of {total} records")
+    return records
+

@@ -24,7 +24,7 @@ from corral.chat.conversation import Conversation, Message
 from corral.chat.templates import get_template
 from corral.config import DPOConfig, dump_config, save_config
 from corral.data.clean import to_sample
-from corral.data.mix import stage_split
+from corral.data.mix import load_records
 from corral.data.pack import Row, collate, single_rows
 from corral.data.preference import PreferencePair, read_preferences
 from corral.models.adapters import add_lora, is_adapter, trainable_parameter_count
@@ -158,11 +158,9 @@ def run(cfg: DPOConfig):
 
     tokenizer = load_tokenizer(cfg.model)
     fmt = get_template(cfg.template, tokenizer)
-    pairs, report = read_preferences(cfg.data.path, cfg.data.format, cfg.data.skip_invalid)
-    log(report.summary())
-    if cfg.data.split:
-        pairs = stage_split(pairs, cfg.data.split, cfg.data.split_stage, cfg.data.split_seed)
-        log(f"stage split {cfg.data.split}: part {cfg.data.split_stage} has {len(pairs)} pairs")
+    reader = partial(read_preferences, fmt=cfg.data.format, skip_invalid=cfg.data.skip_invalid)
+    pairs = load_records(reader, cfg.data.path, cfg.data.sources, cfg.data.mix_seed, cfg.data.split,
+                         cfg.data.split_stage, cfg.data.split_seed, log)
     if cfg.data.eval_path:
         eval_pairs, _ = read_preferences(cfg.data.eval_path, cfg.data.format, cfg.data.skip_invalid)
         train_pairs = pairs

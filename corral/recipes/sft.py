@@ -12,6 +12,7 @@ from corral.chat.templates import get_template
 from corral.config import SFTConfig, dump_config, save_config
 from corral.data.clean import conversations_to_samples
 from corral.data.formats import read_conversations
+from corral.data.mix import load_records
 from corral.data.pack import collate, pack_rows, single_rows
 from corral.models.adapters import add_lora, add_prefix, is_adapter, trainable_parameter_count
 from corral.models.forward import final_hidden, output_head, unwrap
@@ -79,8 +80,9 @@ def run(cfg: SFTConfig) -> SFTResult:
 
     tokenizer = load_tokenizer(cfg.model)
     fmt = get_template(cfg.template, tokenizer)
-    conversations, report = read_conversations(cfg.data.path, cfg.data.format, cfg.data.skip_invalid)
-    log(report.summary())
+    reader = partial(read_conversations, fmt=cfg.data.format, skip_invalid=cfg.data.skip_invalid)
+    conversations = load_records(reader, cfg.data.path, cfg.data.sources, cfg.data.mix_seed, cfg.data.split,
+                                 cfg.data.split_stage, cfg.data.split_seed, log)
     if cfg.data.eval_path:
         train_convs = conversations
         eval_convs, eval_report = read_conversations(cfg.data.eval_path, cfg.data.format, cfg.data.skip_invalid)

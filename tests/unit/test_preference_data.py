@@ -102,3 +102,35 @@ def test_mixture_takes_weights_and_counts_reproducibly():
     again, _ = mix(sources, seed=3)
     assert again == mixed and mix(sources, seed=4)[0] != mixed
     assert "big: 50 of 100" in report.summary()
+
+
+def test_load_records_mixes_sources_then_takes_this_stages_part(tmp_path):
+    from functools import partial
+
+    from corral.config import SourceConfig
+    from corral.data.mix import load_records
+
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "chosen": "x", "rejected": "y"} for i in range(40)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "chosen": "x", "rejected": "y"} for i in range(10)])
+    sources = [SourceConfig(path=str(a), name="A", weight=0.5), SourceConfig(path=str(b), name="B", count=20)]
+    logged: list[str] = []
+    stages = [load_records(partial(read_preferences), "", sources, 5, "2,4,4", stage, 9, logged.append)
+              for stage in range(3)]
+    prompts = [[p.prompt.messages[0].content for p in part] for part in stages]
+    assert [len(p) for p in prompts] == [8, 16, 16]
+    assert sum(1 for line in logged if "mixture of 40 records (A: 20 of 40; B: 20 of 10)" in line) == 3
+    # Disjoint: A's records are drawn once each, so none may appear in two stages; all 40 are used.
+    a_sets = [{p for p in part if p.startswith("a")} for part in prompts]
+    assert sum(len(s) for s in a_sets) == len(set().union(*a_sets)) == 20
+    assert sum(len(p) for p in prompts) == 40
+
+
+def test_sft_recipe_reads_a_mixture(tmp_path, tiny_model_dir):
+    from corral.config import SFTConfig
+    from corral.recipes import sft
+
+    cfg = SFTConfig(model=str(tiny_model_dir), template="chatml", method="full", output_dir=str(tmp_path / "run"),
+                    data={"sources": [{"path": "builtin:corral_identity", "count": 12}], "split": "1,1", "split_stage": 1},
+                    train={"max_steps": 1, "batch_size": 2, "max_len": 128, "resume": "never"})  # fmt: skip
+    result = sft.run(cfg)
+    assert result.train.steps == 1
