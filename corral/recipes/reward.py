@@ -13,21 +13,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 
 from corral.atomic import append_line, atomic_dir, atomic_write_text
 from corral.chat.conversation import Conversation, Message
 from corral.chat.templates import get_template
-from corral.config import RewardConfig, RewardScoreConfig, dump_config, save_config
-from corral.data.mix import load_records
+from corral.config import RewardConfig, RewardScoreConfig
 from corral.data.preference import PreferencePair, read_preferences
 from corral.models.adapters import add_lora, trainable_parameter_count
 from corral.models.load import load_tokenizer
 from corral.models.reward import load_reward_model, sequence_scores
-from corral.recipes.sft import save_model_folder, split_eval
-from corral.train.loop import make_accelerator, train
+from corral.recipes.sft import save_model_folder
+from corral.recipes.runs import begin_run, preference_rows
+from corral.train.loop import train
 from corral.train.losses import pairwise_reward_loss
 
 
@@ -107,35 +106,11 @@ def prepare_model(cfg: RewardConfig, pad_id: int, device):
 
 
 def run(cfg: RewardConfig):
-    from accelerate.utils import set_seed
-
-    accelerator = make_accelerator(cfg.train.mixed_precision)
-    main = accelerator.is_main_process
-    out = Path(cfg.output_dir)
-    log = print if main else (lambda *a, **k: None)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out)
-    log(f"corral reward: resolved config\n{dump_config(cfg)}")
-    set_seed(cfg.train.seed)
-
+    run_ = begin_run(cfg, "reward")
+    accelerator, out, main, log = run_.accelerator, run_.out, run_.main, run_.log
     tokenizer = load_tokenizer(cfg.model)
     fmt = get_template(cfg.template, tokenizer)
-    reader = partial(read_preferences, fmt=cfg.data.format, skip_invalid=cfg.data.skip_invalid)
-    pairs = load_records(reader, cfg.data.path, cfg.data.sources, cfg.data.mix_seed, cfg.data.split,
-                         cfg.data.split_stage, cfg.data.split_seed, log)
-    if cfg.data.eval_path:
-        eval_pairs, eval_report = read_preferences(cfg.data.eval_path, cfg.data.format, cfg.data.skip_invalid)
-        log(eval_report.summary())
-        train_pairs = pairs
-    else:
-        train_pairs, eval_pairs = split_eval(pairs, cfg.data.eval_fraction, cfg.train.seed)
-    rows, too_long = pairs_to_rows(train_pairs, fmt, cfg.train.max_len)
-    eval_rows, eval_too_long = pairs_to_rows(eval_pairs, fmt, cfg.train.max_len)
-    log(f"{len(rows)} training pairs, {len(eval_rows)} held out"
-        + (f"; dropped {too_long + eval_too_long} longer than train.max_len={cfg.train.max_len}" if too_long + eval_too_long else ""))
-    if not rows:
-        raise ValueError(f"no training pairs left from {cfg.data.path}")
+    rows, eval_rows = preference_rows(cfg.data, fmt, cfg.train.max_len, cfg.train.seed, pairs_to_rows, log)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = prepare_model(cfg, pad_id, accelerator.device)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 from corral.atomic import atomic_dir
 from corral.chat.templates import get_template
-from corral.config import SFTConfig, dump_config, save_config
+from corral.config import SFTConfig
 from corral.data.clean import conversations_to_samples
 from corral.data.formats import read_conversations
 from corral.data.mix import load_records
@@ -17,7 +16,8 @@ from corral.data.pack import collate, pack_rows, single_rows
 from corral.models.adapters import add_lora, add_prefix, is_adapter, trainable_parameter_count
 from corral.models.forward import final_hidden, output_head, unwrap
 from corral.models.load import load_model, load_tokenizer
-from corral.train.loop import TrainResult, make_accelerator, train
+from corral.recipes.runs import begin_run, split_eval
+from corral.train.loop import TrainResult, train
 from corral.train.losses import token_nll_sum
 
 
@@ -40,16 +40,6 @@ def save_model_folder(model, folder: Path, tokenizer) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def split_eval(conversations: list, fraction: float, seed: int) -> tuple[list, list]:
-    if fraction <= 0:
-        return conversations, []
-    order = list(range(len(conversations)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(fraction * len(conversations)))
-    held = set(order[:n_eval])
-    return [c for i, c in enumerate(conversations) if i not in held], [c for i, c in enumerate(conversations) if i in held]
-
-
 def prepare_model(cfg: SFTConfig, device):
     quant_bits = cfg.quant.bits if cfg.method == "qlora" else None
     model = load_model(cfg.model, dtype=cfg.dtype, device=device, quant_bits=quant_bits)
@@ -66,18 +56,8 @@ def prepare_model(cfg: SFTConfig, device):
 
 
 def run(cfg: SFTConfig) -> SFTResult:
-    from accelerate.utils import set_seed
-
-    accelerator = make_accelerator(cfg.train.mixed_precision)
-    main = accelerator.is_main_process
-    out = Path(cfg.output_dir)
-    log = print if main else (lambda *a, **k: None)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out)
-    log(f"corral sft: resolved config\n{dump_config(cfg)}")
-    set_seed(cfg.train.seed)
-
+    run_ = begin_run(cfg, "sft")
+    accelerator, out, main, log = run_.accelerator, run_.out, run_.main, run_.log
     tokenizer = load_tokenizer(cfg.model)
     fmt = get_template(cfg.template, tokenizer)
     reader = partial(read_conversations, fmt=cfg.data.format, skip_invalid=cfg.data.skip_invalid)

@@ -1,0 +1,72 @@
+"""What every training recipe does first, written once: the run folder, config, accelerator, seed, and
+(for the preference recipes) the train / held-out preference pairs as rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from corral.config import dump_config, save_config
+from corral.data.mix import load_records
+from corral.data.preference import read_preferences
+from corral.train.loop import make_accelerator
+
+
+@dataclass
+class Run:
+    accelerator: object
+    out: Path
+    main: bool
+    log: object  # print on the main process, a no-op elsewhere
+
+
+def begin_run(cfg, command: str) -> Run:
+    """Accelerator, output folder with the resolved config saved (main process), printed config, seed."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(cfg.train.mixed_precision)
+    main = accelerator.is_main_process
+    out = Path(cfg.output_dir)
+    log = print if main else (lambda *a, **k: None)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+    log(f"corral {command}: resolved config\n{dump_config(cfg)}")
+    set_seed(cfg.train.seed)
+    return Run(accelerator, out, main, log)
+
+
+def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held out): a seeded random `fraction` held out."""
+    import random
+
+    if fraction <= 0:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(fraction * len(records)))
+    held = set(order[:n_eval])
+    return [c for i, c in enumerate(records) if i not in held], [c for i, c in enumerate(records) if i in held]
+
+
+def preference_rows(data, fmt, max_len: int, seed: int, to_rows, log) -> tuple[list, list]:
+    """Train and held-out rows from a PreferenceDataConfig: file or mixture, stage split, eval split,
+    `to_rows(pairs, fmt, max_len) -> (rows, dropped_too_long)`."""
+    reader = partial(read_preferences, fmt=data.format, skip_invalid=data.skip_invalid)
+    pairs = load_records(reader, data.path, data.sources, data.mix_seed, data.split, data.split_stage,
+                         data.split_seed, log)
+    if data.eval_path:
+        eval_pairs, eval_report = reader(data.eval_path)
+        log(eval_report.summary())
+        train_pairs = pairs
+    else:
+        train_pairs, eval_pairs = split_eval(pairs, data.eval_fraction, seed)
+    rows, too_long = to_rows(train_pairs, fmt, max_len)
+    eval_rows, eval_too_long = to_rows(eval_pairs, fmt, max_len)
+    dropped = too_long + eval_too_long
+    log(f"{len(rows)} training pairs, {len(eval_rows)} held out"
+        + (f"; dropped {dropped} longer than train.max_len={max_len}" if dropped else ""))
+    if not rows:
+        raise ValueError(f"no training pairs left from {data.path or 'data.sources'}")
+    return rows, eval_rows
