@@ -77,18 +77,37 @@ def append_line(path: str | Path, line: str) -> Path:
     """Append one line to a log file (JSONL) whole: one write under an exclusive lock, then fsync.
 
     Concurrent writers (threads or processes) never interleave, and a crash loses at most the line
-    being written, never an earlier one.
+    being written, never an earlier one; a line cut by a crash is ended before the next one is added.
     """
     import fcntl
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = (line.rstrip("\n") + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
         os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)  # closing releases the lock
     return path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSONL log written with `append_line`; a line cut by a hard kill is skipped."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

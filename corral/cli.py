@@ -21,6 +21,9 @@ from corral.config import (
     ConfigError,
     DPOConfig,
     InspectConfig,
+    JudgeAnswerConfig,
+    JudgeGradeConfig,
+    JudgeReportConfig,
     MergeConfig,
     QuickstartConfig,
     RewardConfig,
@@ -83,6 +86,20 @@ COMMANDS: dict[str, Command] = {
         ChatConfig, "corral.recipes.chat:run",
         "chat in the terminal with a local model or an OpenAI-compatible server (--api URL)",
         positional="model",
+    ),
+    "judge answer": Command(
+        JudgeAnswerConfig, "corral.recipes.judge:answer",
+        "models answer a question set (local models batched, or --api URL); resumable",
+        aliases={"--model": "models", "--api-model": "api_model", "--questions": "questions"},
+    ),
+    "judge grade": Command(
+        JudgeGradeConfig, "corral.recipes.judge:grade",
+        "LLM-as-judge: single scores, pairwise with position swap, or relative; cached judgments",
+        aliases={"--model": "models", "--judge-api": "judge_api", "--judge-model": "judge_model"},
+    ),
+    "judge report": Command(
+        JudgeReportConfig, "corral.recipes.judge:report",
+        "scores with intervals, per category, relative scores, win rates, Elo: Markdown + HTML",
     ),
     "data inspect": Command(
         InspectConfig, "corral.recipes.data:run",
@@ -197,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest and f"{name} {rest[0]}" in COMMANDS:  # two-word commands (`data inspect`, `reward score`) first
         name, rest = f"{name} {rest[0]}", rest[1:]
     if name not in COMMANDS:
-        print(f"corral: unknown command '{' '.join(argv[:2]) if argv[0] == 'data' else name}'\n\n{usage()}", file=sys.stderr)
+        print(f"corral: unknown command '{' '.join(argv[:2]) if argv[0] in ('data', 'judge') else name}'\n\n{usage()}", file=sys.stderr)
         return 2
     cmd = COMMANDS[name]
     if any(a in ("-h", "--help") for a in rest):

@@ -230,6 +230,73 @@ class ChatConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype (local).")
 
 
+class JudgeAnswerConfig(Section):
+    questions: str = Field("builtin:corral_questions", description="Question file (FastChat question.jsonl format) "
+                           "or `builtin:corral_questions`.")
+    output_dir: str = Field("judge", description="Evaluation folder; answers go to OUTPUT_DIR/answers/MODEL.jsonl.")
+    models: list[str] = Field(default_factory=list, description="Local models as NAME=PATH or PATH (repeat --model); "
+                              "LoRA adapters of one base share it. Default: the embedded model (without --api).")
+    api: str | None = Field(None, description="Answer with an OpenAI-compatible endpoint instead, e.g. http://host/v1.")
+    api_model: str = Field("", description="The endpoint's model name (also the answers' model name).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the endpoint's key.")
+    template: str = Field("auto", description="Chat template for local models.")
+    system: str | None = Field(None, description="System prompt for every question.")
+    temperature: float | None = Field(None, ge=0, le=2, description="Unset: per category, as MT-bench (0 for math, "
+                                      "coding, reasoning, extraction; 0.1 knowledge; 0.7 writing, roleplay, ...).")
+    top_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float | None = Field(
+        None, gt=0, description="Unset: 1.1 for local models (small ones loop without it), not sent with --api."
+    )
+    max_tokens: int = Field(512, ge=1, description="Most tokens per answer turn.")
+    seed: int | None = Field(0, description="Sampling seed (reproducible answers where temperature > 0).")
+    concurrency: int = Field(16, ge=1, description="Questions answered at once (one continuous batch locally).")
+    limit: int = Field(0, ge=0, description="Only the first N questions (0: all).")
+    retries: int = Field(5, ge=0, description="API retries with backoff on 429 / 5xx / connection errors.")
+    timeout: float = Field(600.0, gt=0, description="API request timeout in seconds.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype (local).")
+    max_batch: int = Field(32, ge=1, description="Most sequences decoded together (local).")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+class JudgeGradeConfig(Section):
+    questions: str = Field("builtin:corral_questions", description="The question file the answers were made from.")
+    output_dir: str = Field("judge", description="Evaluation folder: answers/ are read, judgments/MODE.jsonl written.")
+    mode: Literal["single", "pairwise", "relative"] = Field(
+        "single", description="single: a 1-10 score per answer; pairwise: A/B/tie in both orders; relative: "
+        "Vicuna-style, both answers scored in one prompt against `baseline`."
+    )
+    models: list[str] = Field(default_factory=list, description="Models to grade (their answer files); default: all.")
+    baseline: str | None = Field(None, description="pairwise: compare each model with this one (unset: all pairs); "
+                                 "relative: the reference model (required).")
+    judge_api: str = Field("", description="The judge's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.")
+    judge_model: str = Field("", description="The judge's model name at that endpoint.")
+    judge_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the judge's key.")
+    prompts: str = Field("", description="Judge prompts YAML (default: corral/eval/prompts/judge_prompts.yaml).")
+    swap: bool = Field(True, description="Ask pairwise and relative judgments in both orders.")
+    concurrency: int = Field(8, ge=1, description="Judge requests in flight at once.")
+    retries: int = Field(5, ge=0, description="Retries with backoff on 429 / 5xx / connection errors.")
+    timeout: float = Field(600.0, gt=0, description="Judge request timeout in seconds.")
+    max_tokens: int = Field(512, ge=1, description="Most tokens of a judge reply.")
+    temperature: float = Field(0.0, ge=0, le=2, description="Judge sampling temperature.")
+    limit: int = Field(0, ge=0, description="Only the first N questions (0: all).")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+class JudgeReportConfig(Section):
+    output_dir: str = Field("judge", description="Evaluation folder: judgments/ read, report.{md,html,json} written.")
+    baseline: str | None = Field(None, description="Relative scores against this model; Elo anchored at 1000 on it.")
+    bootstrap: int = Field(1000, ge=10, description="Bootstrap rounds for the 95% intervals.")
+    seed: int = Field(0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading: YAML file + dotted overrides -> validated model
 

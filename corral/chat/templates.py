@@ -348,6 +348,9 @@ class TokenizerFormat(_Renderer):
             if at < 0 and content.strip():
                 content = content.strip()
                 at = added.find(content)
+            if not content:  # an empty reply (a model that ended its turn at once) sits before the end token
+                ends = [added.find(tok) for tok in self._special_tokens if tok and tok in added]
+                at = min(ends) if ends else len(added.rstrip())
             if at < 0:
                 raise TemplateError(f"{where}the chat_template does not reproduce assistant reply {i} verbatim")
             rest = added[at + len(content) :]

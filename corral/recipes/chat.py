@@ -7,7 +7,8 @@ from dataclasses import replace
 
 from corral.config import ChatConfig
 from corral.generate.sampling import SamplingParams
-from corral.serve.terminal import APIBackend, LocalBackend, chat_loop
+from corral.serve.backends import APIBackend, LocalBackend
+from corral.serve.terminal import chat_loop
 
 
 def run(cfg: ChatConfig):

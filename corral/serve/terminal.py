@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Protocol, TextIO
+from typing import TextIO
 
 from corral.atomic import atomic_write_text
 from corral.chat.conversation import Conversation, Message
 from corral.generate.sampling import SamplingParams
+from corral.serve.backends import ChatBackend
 
 HELP = """commands:
   /reset          start a new conversation (keeps the system prompt)
@@ -22,56 +21,6 @@ HELP = """commands:
   /save FILE      write the conversation as ShareGPT JSON
   /help           this text
   /exit           leave (also Ctrl-D)"""
-
-
-class ChatBackend(Protocol):
-    def stream(self, conversation: Conversation, params: SamplingParams) -> Iterator[str]:
-        """Reply text pieces as they come; closing the iterator stops generation."""
-        ...
-
-
-@dataclass
-class LocalBackend:
-    """A model in this process, through the generation engine and the model's chat template."""
-
-    engine: object
-    fmt: object
-
-    def stream(self, conversation: Conversation, params: SamplingParams) -> Iterator[str]:
-        from corral.generate.engine import submit_chat
-
-        request = submit_chat(self.engine, self.fmt, conversation, params)
-        try:
-            for event in request:
-                if event.error:
-                    raise RuntimeError(event.error)
-                yield event.text
-        finally:
-            request.cancel()
-
-
-@dataclass
-class APIBackend:
-    """Any OpenAI-compatible server (`corral serve`, vLLM, OpenAI, ...)."""
-
-    client: object
-    model: str
-    send_extensions: bool  # top_k / repetition_penalty are extensions: sent only when the user set them
-
-    def stream(self, conversation: Conversation, params: SamplingParams) -> Iterator[str]:
-        extra = {}
-        if self.send_extensions:
-            extra = {"top_k": params.top_k, "repetition_penalty": params.repetition_penalty}
-        response = self.client.chat.completions.create(
-            model=self.model, messages=conversation.to_openai(), stream=True, temperature=params.temperature,
-            top_p=params.top_p, max_tokens=params.max_new_tokens, seed=params.seed, extra_body=extra or None,
-        )  # fmt: skip
-        try:
-            for chunk in response:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    yield chunk.choices[0].delta.content
-        finally:
-            response.close()
 
 
 def save_conversation(messages: list[Message], path: str) -> None:

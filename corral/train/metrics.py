@@ -6,7 +6,7 @@ import io
 import json
 from pathlib import Path
 
-from corral.atomic import atomic_write_bytes, atomic_write_text
+from corral.atomic import atomic_write_bytes, atomic_write_text, read_jsonl
 
 
 class MetricsLog:
@@ -20,15 +20,7 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def read(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        rows = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a hard kill
-                continue
-        return rows
+        return read_jsonl(self.path)
 
     def log(self, record: dict) -> None:
         if not self.enabled:

@@ -1,0 +1,75 @@
+"""Question sets for LLM-as-judge evaluation, in FastChat's `question.jsonl` format.
+
+A record: `{"question_id": 81, "category": "writing", "turns": ["...", "..."], "reference": ["...", "..."]}`;
+`reference` is optional (one answer per turn, used by the judge for math, reasoning and coding).
+`builtin:corral_questions` is Corral's own set (91 questions, 13 categories, written for this project).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.data.formats import DataError, iter_records
+
+QUESTIONS_DIR = Path(__file__).parent / "questions"
+
+
+@dataclass(frozen=True)
+class Question:
+    question_id: int | str
+    category: str
+    turns: tuple[str, ...]
+    reference: tuple[str, ...] | None = None
+
+    def reference_for(self, turn: int) -> str | None:
+        if self.reference and turn < len(self.reference) and self.reference[turn]:
+            return self.reference[turn]
+        return None
+
+
+def resolve_questions_path(path: str) -> str:
+    if path.startswith("builtin:"):
+        name = path[len("builtin:"):]
+        found = QUESTIONS_DIR / f"{name}.jsonl"
+        if not found.is_file():
+            known = ", ".join(sorted(p.stem for p in QUESTIONS_DIR.glob("*.jsonl")))
+            raise DataError(f"{path}: no built-in question set '{name}' (known: {known})")
+        return str(found)
+    return path
+
+
+def read_questions(path: str) -> list[Question]:
+    """Read a question file; errors name the file, line and field. Question ids must be unique."""
+    questions: list[Question] = []
+    seen: dict = {}
+    for where, record in iter_records(resolve_questions_path(path)):
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        qid = record.get("question_id")
+        if not isinstance(qid, (int, str)) or isinstance(qid, bool) or qid == "":
+            raise DataError(f"{where}: field 'question_id': expected an integer or a string, got {qid!r}")
+        if qid in seen:
+            raise DataError(f"{where}: field 'question_id': {qid!r} already used at {seen[qid]}")
+        seen[qid] = where
+        category = record.get("category", "general")
+        if not isinstance(category, str) or not category:
+            raise DataError(f"{where}: field 'category': expected a non-empty string, got {category!r}")
+        turns = record.get("turns")
+        if not isinstance(turns, list) or not turns:
+            raise DataError(f"{where}: field 'turns': expected a non-empty list of strings, got {turns!r}")
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, str) or not turn.strip():
+                raise DataError(f"{where}: field 'turns[{i}]': expected a non-empty string, got {turn!r}")
+        reference = record.get("reference")
+        if reference is not None:
+            if isinstance(reference, str):
+                reference = [reference]
+            if not isinstance(reference, list) or not all(isinstance(r, str) for r in reference):
+                raise DataError(f"{where}: field 'reference': expected a list of strings (one per turn)")
+            if len(reference) > len(turns):
+                raise DataError(f"{where}: field 'reference': {len(reference)} answers for {len(turns)} turns")
+        questions.append(Question(qid, category, tuple(turns), tuple(reference) if reference else None))
+    if not questions:
+        raise DataError(f"{path}: no questions")
+    return questions

@@ -1,0 +1,407 @@
+"""Judge report: scores with bootstrap intervals, per-category scores, relative scores, win/tie/loss
+after the position-swap rule, Bradley-Terry (Elo-scale) ratings with intervals, the judge's position
+consistency and unparseable counts. Written as JSON, Markdown and one self-contained HTML file.
+
+Position-swap rule (MT-bench): a pair of answers is judged in both orders; a model wins only when
+both orders pick it, any other combination (a flip, or a tie in either order) is a tie. A pair with
+an unparseable verdict in either order is left out and counted.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from corral.atomic import atomic_write_text, read_jsonl
+
+
+def latest(records: list[dict], fields: tuple[str, ...]) -> list[dict]:
+    """The last record for each identity (a re-asked judgment replaces the old one)."""
+    keep = {}
+    for r in records:
+        keep[tuple(r.get(f) for f in fields)] = r
+    return list(keep.values())
+
+
+def bootstrap_ci(values, stat=np.mean, rounds: int = 1000, seed: int = 0) -> tuple[float, float]:
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    samples = [stat(values[rng.integers(0, len(values), len(values))]) for _ in range(rounds)]
+    return float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Single-answer scores
+
+
+def single_scores(records: list[dict], rounds: int = 1000, seed: int = 0) -> dict:
+    records = latest(records, ("judge", "question_id", "turn", "model"))
+    by_model: dict[str, dict] = {}
+    for model in sorted({r["model"] for r in records}):
+        rows = [r for r in records if r["model"] == model]
+        scores = [r["score"] for r in rows if r.get("parsed")]
+        categories = defaultdict(list)
+        for r in rows:
+            if r.get("parsed"):
+                categories[r["category"]].append(r["score"])
+        by_model[model] = {
+            "mean": float(np.mean(scores)) if scores else None,
+            "ci95": bootstrap_ci(scores, rounds=rounds, seed=seed) if scores else None,
+            "n": len(scores),
+            "unparseable": sum(not r.get("parsed") for r in rows),
+            "by_turn": {t: float(np.mean(s)) for t in (1, 2)
+                        if (s := [r["score"] for r in rows if r.get("parsed") and r["turn"] == t])},
+            "categories": {c: float(np.mean(v)) for c, v in sorted(categories.items())},
+        }  # fmt: skip
+    return by_model
+
+
+# ---------------------------------------------------------------------------------------------
+# Relative scores (Vicuna): sum of the candidate's scores over the sum of the reference's
+
+
+def relative_scores(records: list[dict], rounds: int = 1000, seed: int = 0) -> dict:
+    records = latest(records, ("judge", "question_id", "turn", "model_1", "model_2"))
+    out = {}
+    for r in records:
+        candidate = r["model_1"] if r["model_2"] == r["baseline"] else r["model_2"]
+        out.setdefault((candidate, r["baseline"]), []).append(r)
+    result = {}
+    for (candidate, baseline), rows in sorted(out.items()):
+        pairs = []
+        for r in rows:
+            if r.get("parsed"):
+                s1, s2 = r["scores"]
+                pairs.append((s1, s2) if r["model_1"] == candidate else (s2, s1))
+        arr = np.asarray(pairs, dtype=float).reshape(-1, 2)
+        ratio = float(arr[:, 0].sum() / arr[:, 1].sum()) if len(arr) and arr[:, 1].sum() else None
+        ci = None
+        if len(arr) >= 2:
+            rng = np.random.default_rng(seed)
+            samples = []
+            for _ in range(rounds):
+                pick = arr[rng.integers(0, len(arr), len(arr))]
+                if pick[:, 1].sum():
+                    samples.append(pick[:, 0].sum() / pick[:, 1].sum())
+            ci = (float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5)))
+        result[candidate] = {"baseline": baseline, "relative": ratio, "ci95": ci, "n": len(arr),
+                             "unparseable": sum(not r.get("parsed") for r in rows)}  # fmt: skip
+    return result
+
+
+def relative_from_single(single: dict, records: list[dict], baseline: str) -> dict:
+    """Relative score from single-answer grades: on the turns graded for both, sum(candidate) / sum(baseline)."""
+    records = [r for r in latest(records, ("judge", "question_id", "turn", "model")) if r.get("parsed")]
+    by = {(r["question_id"], r["turn"], r["model"]): r["score"] for r in records}
+    result = {}
+    for model in single:
+        if model == baseline:
+            continue
+        common = [(by[k], by[(k[0], k[1], baseline)]) for k in by if k[2] == model and (k[0], k[1], baseline) in by]
+        if common and sum(b for _, b in common):
+            result[model] = {"baseline": baseline, "relative": sum(a for a, _ in common) / sum(b for _, b in common),
+                             "n": len(common), "from": "single"}  # fmt: skip
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairwise: position-swap resolution, win rates, consistency, Bradley-Terry
+
+
+def resolve_pairwise(records: list[dict]) -> tuple[list[dict], dict]:
+    """Games (one per question turn and pair, after the swap rule) and judge statistics."""
+    records = latest(records, ("judge", "question_id", "turn", "model_1", "model_2"))
+    groups = defaultdict(list)
+    for r in records:
+        groups[(r["judge"], r["question_id"], r["turn"], frozenset((r["model_1"], r["model_2"])))].append(r)
+    games, both_orders, consistent, unresolved = [], 0, 0, 0
+    for (_, qid, turn, pair), rows in groups.items():
+        a, b = sorted(pair)
+        if any(not r.get("parsed") for r in rows):
+            unresolved += 1
+            continue
+        winners = [r["winner"] for r in rows]
+        if len(rows) >= 2:
+            both_orders += 1
+            consistent += len(set(winners)) == 1
+        outcome = winners[0] if len(set(winners)) == 1 else "tie"
+        category = rows[0]["category"]
+        games.append({"question_id": qid, "turn": turn, "category": category, "model_a": a, "model_b": b,
+                      "winner": outcome, "flipped": len(set(winners)) > 1})  # fmt: skip
+    stats = {"games": len(games), "swapped_pairs": both_orders,
+             "position_consistency": consistent / both_orders if both_orders else None,
+             "unresolved": unresolved, "unparseable": sum(not r.get("parsed") for r in records),
+             "verdicts": len(records)}  # fmt: skip
+    return games, stats
+
+
+def win_table(games: list[dict]) -> dict:
+    """Per model pair: wins of each side and ties; per model: overall win/tie/loss rates."""
+    pairs = defaultdict(lambda: {"wins_a": 0, "wins_b": 0, "ties": 0})
+    overall = defaultdict(lambda: {"win": 0, "tie": 0, "loss": 0})
+    for g in games:
+        a, b = g["model_a"], g["model_b"]
+        entry = pairs[(a, b)]
+        if g["winner"] == a:
+            entry["wins_a"] += 1
+            overall[a]["win"] += 1
+            overall[b]["loss"] += 1
+        elif g["winner"] == b:
+            entry["wins_b"] += 1
+            overall[b]["win"] += 1
+            overall[a]["loss"] += 1
+        else:
+            entry["ties"] += 1
+            overall[a]["tie"] += 1
+            overall[b]["tie"] += 1
+    rates = {}
+    for model, c in sorted(overall.items()):
+        n = sum(c.values())
+        rates[model] = {k: v / n for k, v in c.items()} | {"games": n}
+    return {"pairs": [{"model_a": a, "model_b": b, **v} for (a, b), v in sorted(pairs.items())], "models": rates}
+
+
+def win_matrix(games: list[dict], models: list[str]) -> np.ndarray:
+    """M[i, j]: share of games model i won against model j, a tie counting half (NaN: never met)."""
+    idx = {m: i for i, m in enumerate(models)}
+    score = np.zeros((len(models), len(models)))
+    count = np.zeros((len(models), len(models)))
+    for g in games:
+        i, j = idx[g["model_a"]], idx[g["model_b"]]
+        s = 1.0 if g["winner"] == g["model_a"] else 0.0 if g["winner"] == g["model_b"] else 0.5
+        score[i, j] += s
+        score[j, i] += 1 - s
+        count[i, j] += 1
+        count[j, i] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, score / np.maximum(count, 1), np.nan)
+
+
+def bradley_terry(games: list[dict], models: list[str], l2: float = 0.01, anchor: str | None = None) -> dict[str, float]:
+    """Bradley-Terry strengths fitted by Newton's method (ties count half a win each way), on the Elo
+    scale: 400 / ln 10 per unit of log-strength, mean 1000 (or `anchor` at 1000). A small L2 penalty
+    keeps a model that won or lost every game finite."""
+    idx = {m: i for i, m in enumerate(models)}
+    n = len(models)
+    theta = np.zeros(n)
+    rows = [(idx[g["model_a"]], idx[g["model_b"]],
+             1.0 if g["winner"] == g["model_a"] else 0.0 if g["winner"] == g["model_b"] else 0.5) for g in games]  # fmt: skip
+    for _ in range(100):
+        grad = -l2 * theta
+        hess = -l2 * np.eye(n)
+        for i, j, s in rows:
+            p = 1.0 / (1.0 + math.exp(-(theta[i] - theta[j])))
+            grad[i] += s - p
+            grad[j] -= s - p
+            w = p * (1 - p)
+            hess[i, i] -= w
+            hess[j, j] -= w
+            hess[i, j] += w
+            hess[j, i] += w
+        step = np.linalg.solve(hess, grad)
+        theta -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    elo = 400 / math.log(10) * theta
+    elo += 1000 - (elo[idx[anchor]] if anchor in idx else elo.mean())
+    return {m: float(elo[idx[m]]) for m in models}
+
+
+def elo_ratings(games: list[dict], models: list[str], rounds: int = 200, seed: int = 0,
+                anchor: str | None = None) -> dict:
+    point = bradley_terry(games, models, anchor=anchor)
+    rng = np.random.default_rng(seed)
+    samples = defaultdict(list)
+    for _ in range(rounds if len(games) >= 2 else 0):
+        pick = [games[k] for k in rng.integers(0, len(games), len(games))]
+        for m, v in bradley_terry(pick, models, anchor=anchor).items():
+            samples[m].append(v)
+    return {m: {"elo": point[m], "ci95": (float(np.percentile(samples[m], 2.5)), float(np.percentile(samples[m], 97.5)))
+                if samples[m] else None} for m in sorted(models, key=lambda m: -point[m])}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def build_report(judgments_dir: str | Path, baseline: str | None = None, rounds: int = 1000, seed: int = 0) -> dict:
+    judgments_dir = Path(judgments_dir)
+    single = read_jsonl(judgments_dir / "single.jsonl")
+    pairwise = read_jsonl(judgments_dir / "pairwise.jsonl")
+    relative = read_jsonl(judgments_dir / "relative.jsonl")
+    if not (single or pairwise or relative):
+        raise FileNotFoundError(f"{judgments_dir}: no judgments (run `corral judge grade` first)")
+    report: dict = {"judges": sorted({r["judge"] for r in single + pairwise + relative}), "baseline": baseline}
+    if single:
+        report["single"] = single_scores(single, rounds, seed)
+    if relative:
+        report["relative"] = relative_scores(relative, rounds, seed)
+    elif single and baseline and baseline in report["single"]:
+        report["relative"] = relative_from_single(report["single"], single, baseline)
+    if pairwise:
+        games, stats = resolve_pairwise(pairwise)
+        models = sorted({g["model_a"] for g in games} | {g["model_b"] for g in games})
+        report["pairwise"] = {"judge": stats, **win_table(games)}
+        report["pairwise"]["matrix"] = {"models": models, "win_rate": win_matrix(games, models).tolist()}
+        report["elo"] = elo_ratings(games, models, rounds=min(rounds, 200), seed=seed, anchor=baseline) if models else {}
+    report["unparseable"] = {mode: sum(not r.get("parsed") for r in rows)
+                             for mode, rows in (("single", single), ("pairwise", pairwise), ("relative", relative)) if rows}  # fmt: skip
+    return report
+
+
+def _fmt(x, digits: int = 2) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _ci(ci, digits: int = 2) -> str:
+    return "-" if not ci or any(math.isnan(v) for v in ci) else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def to_markdown(report: dict) -> str:
+    lines = ["# Corral judge report", "", f"Judge: {', '.join(report['judges'])}"
+             + (f"; baseline: {report['baseline']}" if report.get("baseline") else ""), ""]  # fmt: skip
+    if "single" in report:
+        lines += ["## Single-answer scores (1-10)", "", "| model | mean | 95% CI | turn 1 | turn 2 | graded | unparseable |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for m, s in sorted(report["single"].items(), key=lambda kv: -(kv[1]["mean"] or 0)):
+            lines.append(f"| {m} | {_fmt(s['mean'])} | {_ci(s['ci95'])} | {_fmt(s['by_turn'].get(1))} | "
+                         f"{_fmt(s['by_turn'].get(2))} | {s['n']} | {s['unparseable']} |")  # fmt: skip
+        categories = sorted({c for s in report["single"].values() for c in s["categories"]})
+        models = sorted(report["single"])
+        lines += ["", "### By category", "", "| category | " + " | ".join(models) + " |",
+                  "|---|" + "---:|" * len(models)]  # fmt: skip
+        for c in categories:
+            lines.append(f"| {c} | " + " | ".join(_fmt(report["single"][m]["categories"].get(c)) for m in models) + " |")
+        lines.append("")
+    if report.get("relative"):
+        lines += ["## Relative score (sum of the model's scores / sum of the baseline's)", "",
+                  "| model | baseline | relative | 95% CI | graded |", "|---|---|---:|---:|---:|"]  # fmt: skip
+        for m, r in report["relative"].items():
+            lines.append(f"| {m} | {r['baseline']} | {_fmt(r['relative'] and 100 * r['relative'], 1)}% | "
+                         f"{_ci(r.get('ci95') and [100 * v for v in r['ci95']], 1)} | {r['n']} |")  # fmt: skip
+        lines.append("")
+    if "pairwise" in report:
+        p = report["pairwise"]
+        j = p["judge"]
+        lines += ["## Pairwise (both orders; a verdict that flips with the order is a tie)", "",
+                  "| model A | model B | A wins | B wins | ties |", "|---|---|---:|---:|---:|"]  # fmt: skip
+        lines += [f"| {r['model_a']} | {r['model_b']} | {r['wins_a']} | {r['wins_b']} | {r['ties']} |" for r in p["pairs"]]
+        lines += ["", "| model | win | tie | loss | games | Elo (Bradley-Terry) | 95% CI |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for m, e in report["elo"].items():
+            w = p["models"].get(m, {})
+            lines.append(f"| {m} | {_fmt(w.get('win'))} | {_fmt(w.get('tie'))} | {_fmt(w.get('loss'))} | "
+                         f"{w.get('games', 0)} | {e['elo']:.0f} | {_ci(e['ci95'], 0)} |")  # fmt: skip
+        lines += ["", f"Judge position consistency: {_fmt(j['position_consistency'])} "
+                  f"({j['swapped_pairs']} pairs judged in both orders); "
+                  f"{j['unresolved']} pairs left out for an unparseable verdict.", ""]  # fmt: skip
+    lines += ["## Unparseable judge replies", ""] + [f"- {mode}: {n}" for mode, n in report["unparseable"].items()] + [""]
+    return "\n".join(lines)
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def plots(report: dict) -> dict[str, str]:
+    """Base64 PNGs: per-category bars of single scores, the pairwise win-rate matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = {}
+    if "single" in report:
+        models = sorted(report["single"])
+        categories = sorted({c for s in report["single"].values() for c in s["categories"]})
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(categories) + 2), 4))
+        width = 0.8 / max(1, len(models))
+        for k, m in enumerate(models):
+            values = [report["single"][m]["categories"].get(c, 0) for c in categories]
+            ax.bar(np.arange(len(categories)) + k * width, values, width, label=m)
+        ax.set_xticks(np.arange(len(categories)) + width * (len(models) - 1) / 2, categories, rotation=30, ha="right")
+        ax.set_ylim(0, 10)
+        ax.set_ylabel("mean score (1-10)")
+        ax.set_title("Single-answer score by category")
+        ax.legend()
+        images["categories"] = _png(fig)
+    if report.get("pairwise", {}).get("matrix", {}).get("models"):
+        models = report["pairwise"]["matrix"]["models"]
+        m = np.asarray(report["pairwise"]["matrix"]["win_rate"], dtype=float)
+        fig, ax = plt.subplots(figsize=(1.2 * len(models) + 3, 1.0 * len(models) + 2))
+        ax.imshow(np.nan_to_num(m, nan=0.5), cmap="RdYlGn", vmin=0, vmax=1)
+        ax.set_xticks(range(len(models)), models, rotation=30, ha="right")
+        ax.set_yticks(range(len(models)), models)
+        for i in range(len(models)):
+            for j in range(len(models)):
+                ax.text(j, i, "-" if math.isnan(m[i, j]) else f"{m[i, j]:.2f}", ha="center", va="center")
+        ax.set_title("Win rate of row model against column model (tie = 1/2)")
+        images["win_rate"] = _png(fig)
+    return images
+
+
+def to_html(report: dict, markdown: str) -> str:
+    """One self-contained page: the tables (as preformatted Markdown rendered to HTML tables) and the plots."""
+    body = []
+    table: list[str] = []
+
+    def flush_table():
+        if not table:
+            return
+        rows = [r.strip("|").split("|") for r in table if not set(r.replace("|", "").strip()) <= set("-:")]
+        out = ["<table>"]
+        for k, cells in enumerate(rows):
+            tag = "th" if k == 0 else "td"
+            out.append("<tr>" + "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in cells) + "</tr>")
+        body.append("\n".join(out + ["</table>"]))
+        table.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        if line.startswith("### "):
+            body.append(f"<h3>{html.escape(line[4:])}</h3>")
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("- "):
+            body.append(f"<p>&bull; {html.escape(line[2:])}</p>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    flush_table()
+    for name, data in plots(report).items():
+        body.append(f'<h2>{"Scores by category" if name == "categories" else "Win-rate matrix"}</h2>'
+                    f'<img alt="{name}" src="data:image/png;base64,{data}">')  # fmt: skip
+    style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}img{max-width:100%}")  # fmt: skip
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Corral judge report</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")  # fmt: skip
+
+
+def write_report(judgments_dir: str | Path, out_dir: str | Path, baseline: str | None = None, rounds: int = 1000,
+                 seed: int = 0) -> dict[str, Path]:
+    report = build_report(judgments_dir, baseline, rounds, seed)
+    markdown = to_markdown(report)
+    out_dir = Path(out_dir)
+    paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md", "html": out_dir / "report.html"}
+    atomic_write_text(paths["json"], json.dumps(report, indent=2, default=str) + "\n")
+    atomic_write_text(paths["markdown"], markdown)
+    atomic_write_text(paths["html"], to_html(report, markdown))
+    return paths

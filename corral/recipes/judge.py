@@ -1,0 +1,104 @@
+"""`corral judge answer | grade | report`: LLM-as-judge evaluation of one or more models."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from corral.config import EMBEDDED_MODEL, JudgeAnswerConfig, JudgeGradeConfig, JudgeReportConfig
+from corral.eval.question_set import read_questions
+from corral.generate.sampling import SamplingParams
+
+
+def api_backend(url: str, model: str, key_env: str, retries: int, timeout: float, send_extensions: bool = False):
+    from openai import OpenAI
+
+    from corral.serve.backends import APIBackend
+
+    if not model:
+        raise ValueError(f"an endpoint ({url}) needs its model name (api_model / judge_model)")
+    client = OpenAI(base_url=url, api_key=os.environ.get(key_env) or "none", max_retries=retries, timeout=timeout)
+    return APIBackend(client, model, send_extensions=send_extensions)
+
+
+def answer(cfg: JudgeAnswerConfig) -> dict:
+    from corral.eval.answer import generate_answers
+
+    questions = read_questions(cfg.questions)[: cfg.limit or None]
+    answers_dir = Path(cfg.output_dir) / "answers"
+    params = SamplingParams(max_new_tokens=cfg.max_tokens, top_p=cfg.top_p, seed=cfg.seed,
+                            repetition_penalty=cfg.repetition_penalty or 1.0)  # fmt: skip
+    served = {}
+    if cfg.api:
+        backends = {cfg.api_model: api_backend(cfg.api, cfg.api_model, cfg.api_key_env, cfg.retries, cfg.timeout,
+                                               send_extensions=cfg.repetition_penalty is not None)}  # fmt: skip
+    else:
+        from dataclasses import replace
+
+        from corral.serve.backends import LocalBackend
+        from corral.serve.models import load_served_models
+
+        if cfg.repetition_penalty is None:
+            params = replace(params, repetition_penalty=1.1)
+        print(f"loading {', '.join(cfg.models or [EMBEDDED_MODEL])} ...", flush=True)
+        served = load_served_models(cfg.models or [EMBEDDED_MODEL], template=cfg.template, dtype=cfg.dtype,
+                                    max_batch=cfg.max_batch)  # fmt: skip
+        backends = {name: LocalBackend(s.engine, s.fmt, s.adapter) for name, s in served.items()}
+    print(f"{len(questions)} questions from {cfg.questions}; answers -> {answers_dir}/", flush=True)
+    try:
+        stats = generate_answers(backends, questions, answers_dir, params, temperature=cfg.temperature,
+                                 system=cfg.system, concurrency=cfg.concurrency)  # fmt: skip
+    finally:
+        if served:
+            from corral.serve.models import close_all
+
+            close_all(served)
+    failed = False
+    for model, s in stats.items():
+        print(f"{model}: {s['new']} answered now, {s['done_before']} already in {s['file']}"
+              + (f"; {len(s['errors'])} failed (asked again next run), first: {s['errors'][0]}" if s["errors"] else ""))
+        failed |= bool(s["errors"])
+    if failed:
+        sys.exit("corral judge answer: some questions were not answered (see above); run the same command again")
+    return stats
+
+
+def grade(cfg: JudgeGradeConfig):
+    from corral.eval.answer import answered_models, load_answers
+    from corral.eval.judge import build_tasks, grade as run_grade, load_prompts
+
+    if not cfg.judge_api:
+        raise ValueError("judge_api: set the judge's OpenAI-compatible URL (--judge-api http://HOST/v1)")
+    questions = read_questions(cfg.questions)[: cfg.limit or None]
+    out = Path(cfg.output_dir)
+    models = cfg.models or answered_models(out / "answers")
+    needed = list(dict.fromkeys(models + ([cfg.baseline] if cfg.baseline else [])))
+    if len(needed) < (1 if cfg.mode == "single" else 2):
+        raise ValueError(f"mode={cfg.mode} needs {'one model' if cfg.mode == 'single' else 'two models'} with answers "
+                         f"in {out / 'answers'} (found: {', '.join(needed) or 'none'})")  # fmt: skip
+    answers = load_answers(out / "answers", needed)
+    prompts = load_prompts(cfg.prompts or None)
+    tasks, missing = build_tasks(cfg.mode, questions, answers, needed,
+                                 prompts, cfg.judge_model, baseline=cfg.baseline, swap=cfg.swap)  # fmt: skip
+    judge = api_backend(cfg.judge_api, cfg.judge_model, cfg.judge_key_env, cfg.retries, cfg.timeout)
+    params = SamplingParams(max_new_tokens=cfg.max_tokens, temperature=cfg.temperature)
+    path = out / "judgments" / f"{cfg.mode}.jsonl"
+    print(f"judge {cfg.judge_model} at {cfg.judge_api}: {len(tasks)} {cfg.mode} judgments of "
+          f"{', '.join(needed)} on {len(questions)} questions -> {path}", flush=True)  # fmt: skip
+    result = run_grade(tasks, judge, params, path, concurrency=cfg.concurrency)
+    result.missing_answers = missing
+    print(result.summary())
+    if result.errors:
+        sys.exit(f"corral judge grade: {len(result.errors)} judgments failed; run the same command again to ask only those")
+    return result
+
+
+def report(cfg: JudgeReportConfig) -> dict:
+    from corral.eval.report import write_report
+
+    out = Path(cfg.output_dir)
+    paths = write_report(out / "judgments", out, baseline=cfg.baseline, rounds=cfg.bootstrap, seed=cfg.seed)
+    print(paths["markdown"].read_text())
+    print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
+    return paths
