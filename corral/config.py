@@ -7,10 +7,10 @@ Defaults work on the embedded model (`smollm2-135m`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from corral.atomic import atomic_write_text
 
@@ -19,6 +19,10 @@ EMBEDDED_MODEL = "smollm2-135m"
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
+
+
+# A list key that also takes one value: `--model X` once gives a string, twice a list.
+StrList = Annotated[list[str], BeforeValidator(lambda value: [value] if isinstance(value, str) else value)]
 
 
 class Section(BaseModel):
@@ -191,7 +195,7 @@ class RewardScoreConfig(Section):
 
 
 class ServeConfig(Section):
-    models: list[str] = Field(
+    models: StrList = Field(
         default_factory=list,
         description="Models to serve, each NAME=PATH or PATH (repeat --model). Empty: the embedded model. "
         "LoRA adapters of one base share a single copy of it.",
@@ -205,11 +209,6 @@ class ServeConfig(Section):
     max_batch: int = Field(32, ge=1, description="Most sequences decoded together (continuous batching).")
     max_tokens: int = Field(512, ge=1, description="Reply length when a request gives no max_tokens.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype.")
-
-    @field_validator("models", mode="before")
-    @classmethod
-    def _one_or_many(cls, value):
-        return [value] if isinstance(value, str) else value
 
 
 class ChatConfig(Section):
@@ -234,7 +233,7 @@ class JudgeAnswerConfig(Section):
     questions: str = Field("builtin:corral_questions", description="Question file (FastChat question.jsonl format) "
                            "or `builtin:corral_questions`.")
     output_dir: str = Field("judge", description="Evaluation folder; answers go to OUTPUT_DIR/answers/MODEL.jsonl.")
-    models: list[str] = Field(default_factory=list, description="Local models as NAME=PATH or PATH (repeat --model); "
+    models: StrList = Field(default_factory=list, description="Local models as NAME=PATH or PATH (repeat --model); "
                               "LoRA adapters of one base share it. Default: the embedded model (without --api).")
     api: str | None = Field(None, description="Answer with an OpenAI-compatible endpoint instead, e.g. http://host/v1.")
     api_model: str = Field("", description="The endpoint's model name (also the answers' model name).")
@@ -256,11 +255,6 @@ class JudgeAnswerConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype (local).")
     max_batch: int = Field(32, ge=1, description="Most sequences decoded together (local).")
 
-    @field_validator("models", mode="before")
-    @classmethod
-    def _one_or_many(cls, value):
-        return [value] if isinstance(value, str) else value
-
 
 class JudgeGradeConfig(Section):
     questions: str = Field("builtin:corral_questions", description="The question file the answers were made from.")
@@ -269,7 +263,7 @@ class JudgeGradeConfig(Section):
         "single", description="single: a 1-10 score per answer; pairwise: A/B/tie in both orders; relative: "
         "Vicuna-style, both answers scored in one prompt against `baseline`."
     )
-    models: list[str] = Field(default_factory=list, description="Models to grade (their answer files); default: all.")
+    models: StrList = Field(default_factory=list, description="Models to grade (their answer files); default: all.")
     baseline: str | None = Field(None, description="pairwise: compare each model with this one (unset: all pairs); "
                                  "relative: the reference model (required).")
     judge_api: str = Field("", description="The judge's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.")
@@ -283,11 +277,6 @@ class JudgeGradeConfig(Section):
     max_tokens: int = Field(512, ge=1, description="Most tokens of a judge reply.")
     temperature: float = Field(0.0, ge=0, le=2, description="Judge sampling temperature.")
     limit: int = Field(0, ge=0, description="Only the first N questions (0: all).")
-
-    @field_validator("models", mode="before")
-    @classmethod
-    def _one_or_many(cls, value):
-        return [value] if isinstance(value, str) else value
 
 
 class JudgeReportConfig(Section):

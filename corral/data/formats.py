@@ -47,15 +47,16 @@ class ReadReport:
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 
 
-def resolve_data_path(path: str | Path) -> Path:
-    """`builtin:NAME` names a data set shipped with Corral (corral/data/builtin/NAME.jsonl)."""
+def resolve_data_path(path: str | Path, builtin_dir: Path = BUILTIN_DIR) -> Path:
+    """`builtin:NAME` names a file shipped with Corral (`builtin_dir/NAME.jsonl`, by default a data set
+    in corral/data/builtin)."""
     text = str(path)
     if text.startswith("builtin:"):
         name = text[len("builtin:") :]
-        found = BUILTIN_DIR / f"{name}.jsonl"
+        found = builtin_dir / f"{name}.jsonl"
         if not found.is_file():
-            known = ", ".join(sorted(p.stem for p in BUILTIN_DIR.glob("*.jsonl")))
-            raise DataError(f"{text}: no built-in data set '{name}' (known: {known})")
+            known = ", ".join(sorted(p.stem for p in builtin_dir.glob("*.jsonl")))
+            raise DataError(f"{text}: nothing built in is named '{name}' (known: {known})")
         return found
     if not text:
         raise DataError("no data path given (set data.path)")

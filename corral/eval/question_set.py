@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from corral.data.formats import DataError, iter_records
+from corral.data.formats import DataError, iter_records, resolve_data_path
 
 QUESTIONS_DIR = Path(__file__).parent / "questions"
 
@@ -28,22 +28,11 @@ class Question:
         return None
 
 
-def resolve_questions_path(path: str) -> str:
-    if path.startswith("builtin:"):
-        name = path[len("builtin:"):]
-        found = QUESTIONS_DIR / f"{name}.jsonl"
-        if not found.is_file():
-            known = ", ".join(sorted(p.stem for p in QUESTIONS_DIR.glob("*.jsonl")))
-            raise DataError(f"{path}: no built-in question set '{name}' (known: {known})")
-        return str(found)
-    return path
-
-
 def read_questions(path: str) -> list[Question]:
     """Read a question file; errors name the file, line and field. Question ids must be unique."""
     questions: list[Question] = []
     seen: dict = {}
-    for where, record in iter_records(resolve_questions_path(path)):
+    for where, record in iter_records(resolve_data_path(path, QUESTIONS_DIR)):
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         qid = record.get("question_id")

@@ -80,7 +80,7 @@ def test_skip_invalid_drops_counts_and_reports_reasons(tmp_path):
 def test_missing_file_and_builtin_data(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         read_conversations(tmp_path / "nope.jsonl")
-    with pytest.raises(DataError, match="no built-in data set 'nope'"):
+    with pytest.raises(DataError, match="builtin:nope: nothing built in is named 'nope'"):
         read_conversations("builtin:nope")
     convs, report = read_conversations("builtin:corral_identity")
     assert report.kept >= 200 and sum(len(c.turns) > 2 for c in convs) >= 20

@@ -431,13 +431,15 @@ def test_answer_and_grade_resume_after_kill(tmp_path):
 
 
 def test_cli_errors_are_clear(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "corral.cli", "judge", "grade", f"output_dir={tmp_path}"],
-                          capture_output=True, text=True)  # fmt: skip
+    def corral(*args):
+        return subprocess.run([sys.executable, "-m", "corral.cli", "judge", *args, f"output_dir={tmp_path}"],
+                              capture_output=True, text=True)  # fmt: skip
+
+    done = corral("grade")
     assert done.returncode == 1 and "judge_api" in done.stderr
-    done = subprocess.run([sys.executable, "-m", "corral.cli", "judge", "grade", f"output_dir={tmp_path}",
-                           "judge_api=http://127.0.0.1:9/v1", "judge_model=j", "--model", "ghost"],
-                          capture_output=True, text=True)  # fmt: skip
+    done = corral("grade", "judge_api=http://127.0.0.1:9/v1", "judge_model=j", "--model", "ghost")
     assert done.returncode == 1 and "no answers for model 'ghost'" in done.stderr
-    done = subprocess.run([sys.executable, "-m", "corral.cli", "judge", "report", f"output_dir={tmp_path}"],
-                          capture_output=True, text=True)  # fmt: skip
+    done = corral("report")
     assert done.returncode == 1 and "no judgments" in done.stderr
+    done = corral("answer", "questions=builtin:nope")
+    assert done.returncode == 1 and "nothing built in is named 'nope' (known: corral_questions)" in done.stderr
