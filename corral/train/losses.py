@@ -73,3 +73,40 @@ def sequence_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.T
     token_logps = logits.log_softmax(-1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
     sums = torch.zeros(targets.shape[0], dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
     return sums, mask.sum(-1)
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    clip: float = 0.2) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate (Schulman et al.): mean over reply tokens of max(-A r, -A clip(r, 1-e, 1+e)),
+    r = exp(logp - logp_old). All (B, T). Returns (loss, {clip_frac, approx_kl}) with approx_kl the
+    k3 estimator (r - 1) - log r of the new policy from the one that sampled."""
+    from corral.train.ppo.advantages import masked_mean
+
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"clip_frac": masked_mean((clipped > unclipped).float(), mask).item(),
+                 "approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item()}  # fmt: skip
+    return loss, stats
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                   clip: float = 0.2) -> tuple[torch.Tensor, dict]:
+    """Clipped value loss: 0.5 * mean over reply tokens of max((v - R)^2, (clip(v, v_old +- e) - R)^2)."""
+    from corral.train.ppo.advantages import masked_mean
+
+    clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+    unclipped_err, clipped_err = (values - returns) ** 2, (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), mask)
+    with torch.no_grad():
+        stats = {"value_clip_frac": masked_mean((clipped_err > unclipped_err).float(), mask).item()}
+    return loss, stats
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each position's next-token distribution: (..., vocab) -> (...)."""
+    logp = logits.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
