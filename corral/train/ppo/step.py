@@ -1,0 +1,133 @@
+"""One RL step after a rollout: experience (old log-probs, reference log-probs, rewards, advantages)
+and the clipped-PPO update over several epochs of mini-batches.
+
+Advantages: `gae` (per-token rewards with the KL penalty, a critic's values, GAE), or the critic-free
+`rloo` / `grpo` (the KL-penalised sequence reward against the other samples of the same prompt,
+broadcast to every reply token).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from corral.train.losses import ppo_policy_loss, ppo_value_loss
+from corral.train.ppo.advantages import KLController, gae, group_advantages, masked_mean, masked_whiten, token_rewards
+from corral.train.ppo.rollout import Samples, batch_tensors, reply_logprobs
+
+
+@dataclass(frozen=True)
+class PPOSettings:
+    advantage: str = "gae"  # gae | rloo | grpo
+    epochs: int = 1  # PPO epochs over each rollout batch
+    minibatch: int = 4  # samples per optimizer step
+    clip: float = 0.2
+    value_clip: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    reward_clip: float | None = 10.0
+    whiten: bool = True
+    entropy_coef: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class Experience:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    reply_mask: torch.Tensor
+    reply_start: torch.Tensor
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor | None
+    old_values: torch.Tensor | None
+    stats: dict
+
+
+def reference_context(actor):
+    """With a LoRA actor the reference is the same base with the adapter disabled."""
+    return actor.disable_adapter() if hasattr(actor, "disable_adapter") else nullcontext()
+
+
+@torch.no_grad()
+def make_experience(actor, samples: Samples, scores: torch.Tensor, kl: KLController, settings: PPOSettings,
+                    pad_id: int, ref_model=None, critic=None) -> Experience:
+    """scores (N,) one reward per sample. ref_model None: the actor with its adapter disabled."""
+    device = next(actor.parameters()).device
+    ids, attention, reply_mask, start = batch_tensors(samples.prompt_ids, samples.reply_ids, pad_id, device)
+    was_training = actor.training
+    actor.eval()
+    old_logp = reply_logprobs(actor, ids, attention, reply_mask, start)
+    if ref_model is None:
+        with reference_context(actor):
+            ref_logp = reply_logprobs(actor, ids, attention, reply_mask, start)
+    else:
+        ref_logp = reply_logprobs(ref_model, ids, attention, reply_mask, start)
+    actor.train(was_training)
+    scores = scores.to(device).float()
+    values = returns = None
+    if settings.advantage == "gae":
+        if critic is None:
+            raise ValueError("advantage=gae needs a critic")
+        rewards, kl_tokens = token_rewards(scores, old_logp, ref_logp, reply_mask, kl.value, settings.reward_clip)
+        values = critic(ids, attention, reply_mask, start)
+        advantages, returns = gae(rewards, values, reply_mask, settings.gamma, settings.lam)
+    else:
+        kl_tokens = (old_logp - ref_logp) * reply_mask
+        clipped = scores.clamp(-settings.reward_clip, settings.reward_clip) if settings.reward_clip else scores
+        shaped = clipped - kl.value * kl_tokens.sum(-1)
+        per_sample = group_advantages(shaped.view(-1, samples.k), settings.advantage).view(-1)
+        advantages = per_sample[:, None] * reply_mask
+    if settings.whiten:
+        advantages = masked_whiten(advantages, reply_mask)
+    sequence_kl = kl_tokens.sum(-1)
+    stats = {"reward_mean": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+             "kl": sequence_kl.mean().item(), "kl_coef": kl.value,
+             "reply_len": reply_mask.sum(-1).float().mean().item()}  # fmt: skip
+    return Experience(ids, attention, reply_mask, start, old_logp, advantages, returns, values, stats)
+
+
+def ppo_update(actor, optimizer, exp: Experience, settings: PPOSettings, critic=None, critic_optimizer=None,
+               ptx_fn=None, ptx_coef: float = 0.0, generator: torch.Generator | None = None) -> dict:
+    """`settings.epochs` passes over the experience in shuffled mini-batches; one optimizer step each.
+    `ptx_fn()` -> (loss_sum, count) adds `ptx_coef` x a language-modelling loss on pretraining/SFT data."""
+    n = exp.input_ids.shape[0]
+    totals: dict[str, float] = {}
+    steps = 0
+    actor.train()
+    for _ in range(settings.epochs):
+        order = torch.randperm(n, generator=generator)
+        for lo in range(0, n, settings.minibatch):
+            idx = order[lo : lo + settings.minibatch]
+            mask = exp.reply_mask[idx]
+            logp, entropy = reply_logprobs(actor, exp.input_ids[idx], exp.attention_mask[idx], mask,
+                                           exp.reply_start[idx], with_entropy=True)  # fmt: skip
+            loss, stats = ppo_policy_loss(logp, exp.old_logprobs[idx], exp.advantages[idx], mask, settings.clip)
+            stats["policy_loss"] = loss.item()
+            stats["entropy"] = masked_mean(entropy, mask).item()
+            if settings.entropy_coef:
+                loss = loss - settings.entropy_coef * masked_mean(entropy, mask)
+            if ptx_fn is not None and ptx_coef:
+                ptx_sum, ptx_count = ptx_fn()
+                ptx_loss = ptx_sum / ptx_count.clamp(min=1)
+                loss = loss + ptx_coef * ptx_loss
+                stats["ptx_loss"] = ptx_loss.item()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in actor.parameters() if p.requires_grad], settings.max_grad_norm))  # fmt: skip
+            optimizer.step()
+            if critic is not None and exp.returns is not None:
+                values = critic(exp.input_ids[idx], exp.attention_mask[idx], mask, exp.reply_start[idx])
+                vloss, vstats = ppo_value_loss(values, exp.old_values[idx], exp.returns[idx], mask, settings.value_clip)
+                critic_optimizer.zero_grad(set_to_none=True)
+                vloss.backward()
+                torch.nn.utils.clip_grad_norm_([p for p in critic.parameters() if p.requires_grad], settings.max_grad_norm)
+                critic_optimizer.step()
+                stats |= {"value_loss": vloss.item(), **vstats}
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value
+            steps += 1
+    return {key: value / steps for key, value in totals.items()}

@@ -1,0 +1,62 @@
+"""RL on a tiny model with a rule-based reward (the share of reply tokens from a chosen set):
+the mean reward rises clearly, with the critic-free rloo baseline and with PPO's critic + GAE."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+from corral.chat.conversation import Conversation
+from corral.chat.templates import get_template
+from corral.generate.engine import TransformersEngine
+from corral.generate.sampling import SamplingParams
+from corral.models.load import load_model, load_tokenizer
+from corral.models.reward import load_reward_model
+from corral.train.ppo.advantages import KLController
+from corral.train.ppo.critic import Critic
+from corral.train.ppo.rollout import sample_replies
+from corral.train.ppo.step import PPOSettings, make_experience, ppo_update
+
+PROMPTS = [Conversation.from_pairs(("user", text)) for text in ("Who are you?", "Hello", "What can you do?", "Hi")]
+
+
+def rollout_rewards(samples, wanted: set[int]) -> torch.Tensor:
+    return torch.tensor([sum(t in wanted for t in r) / len(r) for r in samples.reply_ids])
+
+
+@pytest.mark.parametrize("advantage", ["rloo", "gae"])
+def test_rl_raises_a_rule_based_reward(tiny_model_dir, advantage):
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    fmt = get_template("auto", tokenizer)
+    actor = load_model(str(tiny_model_dir))
+    ref = copy.deepcopy(actor).eval().requires_grad_(False)
+    engine = TransformersEngine(actor, tokenizer)
+    params = SamplingParams(max_new_tokens=8, temperature=1.0)
+    # The random-init policy is near uniform over its vocabulary: reward the share of reply tokens from
+    # one half of it (about 0.5 at the start, 1.0 at best), a dense signal a few steps can move.
+    wanted = set(range(len(tokenizer) // 2))
+    settings = PPOSettings(advantage=advantage, epochs=2, minibatch=8, whiten=True)
+    critic = critic_opt = None
+    if advantage == "gae":
+        critic = Critic(load_reward_model(str(tiny_model_dir), pad_token_id=engine.pad_id))
+        critic.train()
+        critic_opt = torch.optim.AdamW(critic.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(actor.parameters(), lr=1e-2)
+    kl = KLController(0.01)
+    means = []
+    for step in range(14):
+        samples = sample_replies(engine, fmt, PROMPTS, replace(params, seed=step), k=4)
+        scores = rollout_rewards(samples, wanted)
+        means.append(scores.mean().item())
+        exp = make_experience(actor, samples, scores, kl, settings, engine.pad_id, ref_model=ref, critic=critic)
+        stats = ppo_update(actor, optimizer, exp, settings, critic=critic, critic_optimizer=critic_opt,
+                           generator=torch.Generator().manual_seed(step))  # fmt: skip
+        assert {"policy_loss", "clip_frac", "approx_kl", "entropy", "grad_norm"} <= set(stats)
+        if advantage == "gae":
+            assert "value_loss" in stats
+    print(advantage, [round(m, 2) for m in means])
+    assert sum(means[-3:]) / 3 > sum(means[:3]) / 3 + 0.15
