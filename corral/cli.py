@@ -25,6 +25,7 @@ from corral.config import (
     JudgeGradeConfig,
     JudgeReportConfig,
     MergeConfig,
+    PPOConfig,
     QuickstartConfig,
     RewardConfig,
     RewardScoreConfig,
@@ -76,6 +77,11 @@ COMMANDS: dict[str, Command] = {
         DPOConfig, "corral.recipes.dpo:run",
         "direct preference optimisation (DPO / IPO / SimPO) on preference pairs",
         aliases={"--data": "data.path"},
+    ),
+    "ppo": Command(
+        PPOConfig, "corral.recipes.ppo:run",
+        "RLHF: PPO (critic + GAE) or rloo / grpo against a reward model or a reward function; KL control, ptx, EMA",
+        aliases={"--data": "data.path", "--reward": "reward"},
     ),
     "serve": Command(
         ServeConfig, "corral.recipes.serve:run",

@@ -229,6 +229,65 @@ class ChatConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype (local).")
 
 
+class PromptDataConfig(Section):
+    path: str = Field("", description="Prompts: any conversation file (the prompt is everything before the last "
+                      "assistant turn; a conversation ending with a user turn is all prompt), or `builtin:NAME`.")
+    format: Literal["auto", "sharegpt", "openai", "alpaca"] = Field("auto", description="Record format.")
+    skip_invalid: bool = Field(False, description="Drop invalid records (counted and reported) instead of failing.")
+    sources: list[SourceConfig] = Field(default_factory=list, description="A mixture of several sources.")
+    mix_seed: int = Field(1234, description="Seed of the mixture.")
+    split: str = Field("", description="DeepSpeed-Chat stage split, e.g. `2,4,4`; empty: all.")
+    split_stage: int = Field(2, ge=0, description="Which part of `split` this run uses (RL is 2).")
+    split_seed: int = Field(1234, description="Seed of the stage split: every stage must use the same one.")
+    max_prompt_len: int = Field(256, ge=8, description="Prompts longer than this (in tokens) are dropped and counted.")
+
+
+class PPOConfig(Section):
+    model: str = Field(EMBEDDED_MODEL, description="The actor's start: an SFT model (folder, or SFT LoRA adapter).")
+    template: str = Field("auto", description="Chat template the prompts are rendered with.")
+    method: Literal["full", "lora"] = Field("lora", description="LoRA: the reference is the base with the adapter "
+                                            "disabled (no second copy). Full: a frozen copy.")
+    reward: str = Field(..., description="A reward model from `corral reward`, or `module:function` taking "
+                        "(prompt, reply) and returning a float.")
+    output_dir: str = Field("runs/ppo", description="Where metrics, samples and the final actor go.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype.")
+    advantage: Literal["gae", "rloo", "grpo"] = Field("gae", description="gae: PPO with a critic; rloo / grpo: "
+                                                      "critic-free baselines over samples_per_prompt replies.")
+    steps: int = Field(20, ge=1, description="Rollout + update steps.")
+    prompts_per_step: int = Field(8, ge=1, description="Prompts per rollout.")
+    samples_per_prompt: int = Field(1, ge=1, description="Replies per prompt (at least 2 for rloo / grpo).")
+    max_new_tokens: int = Field(64, ge=1, description="Reply length limit in the rollout.")
+    temperature: float = Field(1.0, gt=0, le=2, description="Rollout sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    kl_coef: float = Field(0.05, ge=0, description="Per-token KL penalty against the reference (initial value).")
+    kl_target: float | None = Field(None, gt=0, description="Adaptive KL control (Ziegler et al.): target KL per reply.")
+    kl_horizon: int = Field(10000, ge=1, description="Adaptive KL horizon in samples.")
+    reward_clip: float = Field(10.0, gt=0, description="Scores are clipped to [-clip, clip].")
+    no_eos_penalty: float = Field(0.0, ge=0, description="Subtracted from the score of a reply that hit "
+                                  "max_new_tokens without ending its turn.")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
+    minibatch: int = Field(8, ge=1, description="Samples per optimizer step.")
+    clip: float = Field(0.2, gt=0, description="Policy ratio clip.")
+    value_clip: float = Field(0.2, gt=0, description="Value clip.")
+    gamma: float = Field(1.0, gt=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    whiten: bool = Field(True, description="Whiten advantages over each batch.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus.")
+    lr: float = Field(1e-5, gt=0, description="Actor learning rate.")
+    critic_lr: float = Field(5e-5, gt=0, description="Critic learning rate.")
+    max_grad_norm: float = Field(1.0, gt=0)
+    ptx_path: str = Field("", description="Pretraining mix (InstructGPT): SFT conversations for a language-modelling "
+                          "loss added to each actor step.")
+    ptx_coef: float = Field(0.0, ge=0, description="Weight of the ptx loss.")
+    ptx_batch: int = Field(2, ge=1, description="ptx conversations per actor step.")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="Keep an EMA of the actor weights (e.g. 0.992), "
+                                    "saved as actor_ema/.")
+    sample_every: int = Field(5, ge=1, description="Write prompts and replies to samples.jsonl every N steps.")
+    seed: int = Field(42)
+    data: PromptDataConfig = PromptDataConfig()
+    lora: LoraConfig = LoraConfig()
+
+
 class JudgeAnswerConfig(Section):
     questions: str = Field("builtin:corral_questions", description="Question file (FastChat question.jsonl format) "
                            "or `builtin:corral_questions`.")
