@@ -117,11 +117,15 @@ def run(cfg: PPOConfig) -> dict:
     prompts = load_prompts(cfg, fmt, log)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    actor = load_model(cfg.model, dtype=cfg.dtype, trainable_adapter=True)
+    actor = load_model(cfg.model, dtype=cfg.dtype)
     ref_model = None
-    if is_adapter(actor):
-        log(f"actor: the adapter {cfg.model} (trained further); reference: its base with the adapter disabled")
-    elif cfg.method == "lora":
+    from_adapter = is_adapter(actor)
+    if from_adapter:
+        # The reference must be the SFT model itself, not the base under its adapter: fold the SFT adapter
+        # in, and train a new LoRA (or the full model) on top of that.
+        actor = actor.merge_and_unload()
+        log(f"actor: {cfg.model} merged into its base; the reference is that SFT model")
+    if cfg.method == "lora":
         actor = add_lora(actor, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
     else:
         ref_model = copy.deepcopy(actor).eval().requires_grad_(False)
@@ -190,13 +194,11 @@ def run(cfg: PPOConfig) -> dict:
                                                      ensure_ascii=False))  # fmt: skip
     metrics.plot(f"corral ppo ({cfg.advantage})")
     tokenizer.chat_template = fmt.chat_template_jinja
-    with atomic_dir(out / "actor") as tmp:
-        save_model_folder(actor, tmp, tokenizer)
+    save_actor(actor, out / "actor", tokenizer, merged=from_adapter)
     if ema is not None:
         live = {n: p.detach().clone() for n, p in actor.named_parameters() if n in ema.shadow}
         ema.copy_to(actor)
-        with atomic_dir(out / "actor_ema") as tmp:
-            save_model_folder(actor, tmp, tokenizer)
+        save_actor(actor, out / "actor_ema", tokenizer, merged=from_adapter)
         with torch.no_grad():
             for n, p in actor.named_parameters():
                 if n in live:
@@ -207,6 +209,18 @@ def run(cfg: PPOConfig) -> dict:
         f"KL {last['kl']:.3f}\nactor: {out / 'actor'}" + (f"\nactor EMA: {out / 'actor_ema'}" if ema else "")
         + f"\nmetrics: {metrics.path}\nsamples: {samples_path}")  # fmt: skip
     return {"first": first, "last": last, "out": out}
+
+
+def save_actor(actor, folder: Path, tokenizer, merged: bool) -> None:
+    """The actor as a loadable folder: its LoRA adapter, or (when training started from an SFT adapter,
+    whose merged base exists only in memory) the full model with the new LoRA folded in."""
+    with atomic_dir(folder) as tmp:
+        if merged and is_adapter(actor):
+            merged_copy = copy.deepcopy(actor).merge_and_unload()
+            save_model_folder(merged_copy, tmp, tokenizer)
+            del merged_copy
+        else:
+            save_model_folder(actor, tmp, tokenizer)
 
 
 def make_ptx(cfg: PPOConfig, fmt, actor, pad_id: int):

@@ -49,3 +49,16 @@ def test_ppo_recipe_runs_and_saves(tmp_path, tiny_model_dir):
         e = dict(ema.named_parameters())[lora[0]]
         assert not torch.equal(a, e)  # the EMA is its own weights
         assert result["last"]["step"] == 3
+
+
+def test_ppo_from_an_sft_adapter_starts_at_its_reference(tmp_path, tiny_lora_dir):
+    """The reference is the SFT model (adapter merged), so the first rollout's KL is zero."""
+    out = tmp_path / "from_adapter"
+    cfg = PPOConfig(model=str(tiny_lora_dir), reward="tests.unit.test_ppo_recipe:vowel_share", output_dir=str(out),
+                    advantage="rloo", samples_per_prompt=2, steps=2, prompts_per_step=2, max_new_tokens=6,
+                    data={"path": "builtin:corral_identity"})  # fmt: skip
+    run(cfg)
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert abs(rows[0]["kl"]) < 1e-4
+    actor = load_model(str(out / "actor"))  # a full model: the SFT adapter and the new LoRA folded in
+    assert not hasattr(actor, "peft_config")
