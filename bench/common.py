@@ -51,6 +51,19 @@ def gpu_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def results_path(area: str, gpu: str | None, out: str | None = None) -> Path:
+    """`--out`, or bench/results/AREA.json (AREA-GPU.json when measured on a GPU)."""
+    if out:
+        return Path(out)
+    return Path(__file__).resolve().parent / "results" / (f"{area}-{gpu_slug(gpu)}.json" if gpu else f"{area}.json")
+
+
+def write_results(path: Path, results: dict) -> Path:
+    from corral.atomic import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+
+
 def timed_window(step_ends: list[float], tokens: list[int], targets: list[int], warmup: int) -> dict:
     """Throughput over steps warmup+1..N: `step_ends[k]` is when step k+1 ended (0-based list).
 

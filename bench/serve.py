@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # measure this checkout's corral, installed or not
 
-from bench.common import gpu_slug, machine_info, versions  # noqa: E402
+from bench.common import machine_info, results_path, versions, write_results  # noqa: E402
 
 MODEL = "smollm2-135m"
 REPETITION_PENALTY = 1.1
@@ -276,11 +276,7 @@ def main(argv=None) -> int:
         "rows": rows,
         "ratios": ratios,
     }  # fmt: skip
-    from corral.atomic import atomic_write_text
-
-    suffix = f"-{gpu_slug(machine['gpu'])}" if machine["gpu"] else ""
-    out = Path(args.out) if args.out else REPO / "bench" / "results" / f"serve{suffix}.json"
-    atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+    out = write_results(results_path("serve", machine["gpu"], args.out), results)
     print(json.dumps(ratios, indent=2))
     print(f"replies differing between the two servers: {mismatched}")
     print(f"wrote {out}")

@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # measure this checkout's corral, installed or not
 
-from bench.common import gpu_slug, machine_info, run_row_child, timed_window, versions  # noqa: E402
+from bench.common import machine_info, results_path, run_row_child, timed_window, versions, write_results  # noqa: E402
 
 MODEL = "smollm2-135m"
 TEMPLATE = "chatml"
@@ -366,9 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     resolve_model(MODEL)  # converts the GGUF once, here, so no row pays for (or measures) the conversion
     cuda = on_cuda()
     machine = machine_info()
-    out = Path(args.out) if args.out else REPO / "bench" / "results" / (
-        f"sft-{gpu_slug(machine['gpu'])}.json" if cuda else "sft.json"
-    )  # fmt: skip
+    out = results_path("sft", machine["gpu"] if cuda else None, args.out)
     facts = data_facts(args)
     keys = args.rows.split(",")
     rows = []
@@ -404,9 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": ordered,
         "ratios": make_ratios({row["name"]: row for row in rows}),
     }
-    from corral.atomic import atomic_write_text
-
-    atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+    write_results(out, results)
     print_table(results)
     print(f"\nwrote {out}" + ("" if args.out else "; run python bench/report.py to update README.md"))
     return 0

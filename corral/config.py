@@ -36,7 +36,20 @@ class SourceConfig(Section):
     count: int = Field(0, ge=0, description="Take exactly this many records instead (0: use weight).")
 
 
-class DataConfig(Section):
+class MixtureFields(Section):
+    """Where a recipe's records come from besides `path`: a Koala-style mixture, and the DeepSpeed-Chat
+    stage split (SFT, reward, RL) applied after it. Each data section sets its stage's default."""
+
+    sources: list[SourceConfig] = Field(default_factory=list, description="A mixture of several sources (instead "
+                                        "of `path`), each with a weight or a count (Koala-style).")
+    mix_seed: int = Field(1234, description="Seed of the mixture.")
+    split: str = Field("", description="DeepSpeed-Chat stage split of the data, e.g. `2,4,4` (SFT, reward, RL); "
+                       "empty: all of it.")
+    split_stage: int = Field(0, ge=0, description="Which part of `split` this run uses (0-based: SFT 0, reward 1, RL 2).")
+    split_seed: int = Field(1234, description="Seed of the stage split: every stage must use the same one.")
+
+
+class DataConfig(MixtureFields):
     path: str = Field("", description="Conversation data: .json, .jsonl, .parquet file or a local `datasets` folder.")
     format: Literal["auto", "sharegpt", "openai", "alpaca"] = Field(
         "auto", description="Record format; `auto` detects it per record from the fields present."
@@ -47,12 +60,6 @@ class DataConfig(Section):
     eval_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Hold out this fraction of `path` for evaluation when `eval_path` is empty."
     )
-    sources: list[SourceConfig] = Field(default_factory=list, description="A mixture of several sources (instead "
-                                        "of `path`), each with a weight or a count (Koala-style).")
-    mix_seed: int = Field(1234, description="Seed of the mixture.")
-    split: str = Field("", description="DeepSpeed-Chat stage split of the data, e.g. `2,4,4` (SFT, reward, RL).")
-    split_stage: int = Field(0, ge=0, description="Which part of `split` this run uses (0-based; SFT is 0).")
-    split_seed: int = Field(1234, description="Seed of the stage split: every stage must use the same one.")
 
 
 class TrainConfig(Section):
@@ -141,18 +148,13 @@ class InspectConfig(Section):
     num_samples: int = Field(3, ge=0, description="How many rendered samples to print.")
 
 
-class PreferenceDataConfig(Section):
+class PreferenceDataConfig(MixtureFields):
     path: str = Field("", description="Preference pairs: pairs / message-list / Anthropic HH records, or an arena vote file.")
     format: Literal["auto", "pairs", "messages", "hh"] = Field("auto", description="Record format; `auto` detects it.")
     skip_invalid: bool = Field(False, description="Drop invalid records (counted and reported) instead of failing.")
     eval_path: str = Field("", description="Optional held-out preference pairs.")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held-out fraction of `path` when `eval_path` is empty.")
-    sources: list[SourceConfig] = Field(default_factory=list, description="A mixture of several sources (instead "
-                                        "of `path`), each with a weight or a count.")
-    mix_seed: int = Field(1234, description="Seed of the mixture.")
-    split: str = Field("", description="DeepSpeed-Chat stage split of the data, e.g. `2,4,4` (SFT, reward, RL); empty: all.")
-    split_stage: int = Field(1, ge=0, description="Which part of `split` this run uses (0-based; reward is 1).")
-    split_seed: int = Field(1234, description="Seed of the stage split: every stage must use the same one.")
+    split_stage: int = Field(1, ge=0, description="Which part of `split` this run uses (reward is 1).")
 
 
 class RewardConfig(Section):
@@ -229,16 +231,12 @@ class ChatConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype (local).")
 
 
-class PromptDataConfig(Section):
+class PromptDataConfig(MixtureFields):
     path: str = Field("", description="Prompts: any conversation file (the prompt is everything before the last "
                       "assistant turn; a conversation ending with a user turn is all prompt), or `builtin:NAME`.")
     format: Literal["auto", "sharegpt", "openai", "alpaca"] = Field("auto", description="Record format.")
     skip_invalid: bool = Field(False, description="Drop invalid records (counted and reported) instead of failing.")
-    sources: list[SourceConfig] = Field(default_factory=list, description="A mixture of several sources.")
-    mix_seed: int = Field(1234, description="Seed of the mixture.")
-    split: str = Field("", description="DeepSpeed-Chat stage split, e.g. `2,4,4`; empty: all.")
     split_stage: int = Field(2, ge=0, description="Which part of `split` this run uses (RL is 2).")
-    split_seed: int = Field(1234, description="Seed of the stage split: every stage must use the same one.")
     max_prompt_len: int = Field(256, ge=8, description="Prompts longer than this (in tokens) are dropped and counted.")
 
 

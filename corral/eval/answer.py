@@ -47,7 +47,7 @@ def load_answers(answers_dir: str | Path, models: list[str]) -> dict[str, dict]:
     for model in models:
         path = answer_file(answers_dir, model)
         if not path.is_file():
-            known = sorted(r["model"] for p in Path(answers_dir).glob("*.jsonl") for r in read_jsonl(p)[:1])
+            known = answered_models(answers_dir)
             raise DataError(f"{path}: no answers for model '{model}' (answers there: {', '.join(known) or 'none'}; "
                             f"run `corral judge answer` first)")  # fmt: skip
         answers[model] = read_answers(path)

@@ -44,7 +44,7 @@ def prompt_of(conv: Conversation) -> Conversation | None:
     return Conversation(messages, conv.source, conv.id) if messages and messages[-1].role == "user" else None
 
 
-def load_prompts(cfg: PPOConfig, fmt, log) -> list[Conversation]:
+def read_rl_prompts(cfg: PPOConfig, fmt, log) -> list[Conversation]:
     from functools import partial
 
     reader = partial(read_conversations, fmt=cfg.data.format, skip_invalid=cfg.data.skip_invalid)
@@ -114,7 +114,7 @@ def run(cfg: PPOConfig) -> dict:
 
     tokenizer = load_tokenizer(cfg.model)
     fmt = get_template(cfg.template, tokenizer)
-    prompts = load_prompts(cfg, fmt, log)
+    prompts = read_rl_prompts(cfg, fmt, log)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     actor = load_model(cfg.model, dtype=cfg.dtype)

@@ -4,7 +4,6 @@ over real HTTP, the position-swap rule, aggregation, Elo, the report, and interr
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -343,7 +342,7 @@ def test_api_answers_see_their_own_first_turn(tmp_path):
     assert temps["What is 6 x 7?"] == 0.0 and temps["Write a slogan."] == 0.7 and temps["Name a planet."] == 0.1
 
 
-def test_local_answers_batched_through_the_engine(tiny_model_dir):
+def test_local_answers_batched_through_the_engine(tiny_model_dir, tmp_path):
     from corral.chat.templates import get_template
     from corral.generate.engine import TransformersEngine, generate_replies
     from corral.models.load import load_model, load_tokenizer
@@ -353,7 +352,7 @@ def test_local_answers_batched_through_the_engine(tiny_model_dir):
     tokenizer = load_tokenizer(str(tiny_model_dir))
     fmt = get_template("auto", tokenizer)
     engine = TransformersEngine(load_model(str(tiny_model_dir)), tokenizer).start()
-    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"answers-{time.time_ns()}"
+    out = tmp_path / "answers"
     params = SamplingParams(max_new_tokens=8)
     try:
         stats = generate_answers({"tiny": LocalBackend(engine, fmt)}, QUESTIONS, out, params, temperature=0.0,
@@ -385,9 +384,15 @@ def _kill_when(proc, path: Path, lines: int, timeout: float = 60) -> None:
     raise AssertionError("timed out")
 
 
-def _corral(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "corral.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+def _kill_then_finish(args: list[str], path: Path, kill_at: int, server: FakeOpenAI) -> tuple[int, int, str]:
+    """Run `corral ARGS`, SIGKILL it once `path` has `kill_at` records, run it again to the end.
+    Returns (records before the re-run, requests the re-run made, its output)."""
+    command = [sys.executable, "-m", "corral.cli", *args]
+    _kill_when(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), path, kill_at)
+    partial, asked_before = len(read_jsonl(path)), len(server.requests)
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return partial, len(server.requests) - asked_before, done.stdout
 
 
 def test_answer_and_grade_resume_after_kill(tmp_path):
@@ -397,29 +402,21 @@ def test_answer_and_grade_resume_after_kill(tmp_path):
     answerer = FakeOpenAI(lambda m: f"GOOD answer to {m[-1]['content']}", delay=0.15)
     judge = FakeOpenAI(lambda m: "Rating: [[7]]", delay=0.15)
     out = tmp_path / "eval"
+    common = ["--questions", str(questions), f"output_dir={out}", "concurrency=2"]
     try:
-        answer = ["judge", "answer", "--questions", str(questions), "--api", answerer.url, "--api-model", "m",
-                  f"output_dir={out}", "concurrency=2"]  # fmt: skip
-        _kill_when(_corral(*answer), out / "answers" / "m.jsonl", 4)
-        partial = len(read_jsonl(out / "answers" / "m.jsonl"))
-        asked_before = len(answerer.requests)
-        done = subprocess.run([sys.executable, "-m", "corral.cli", *answer], capture_output=True, text=True)
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert f"{12 - partial} answered now, {partial} already in" in done.stdout
-        ids = [r["question_id"] for r in read_jsonl(out / "answers" / "m.jsonl")]
-        assert sorted(ids) == list(range(12))  # each exactly once
-        assert len(answerer.requests) - asked_before == 12 - partial  # the finished ones were not asked again
+        answers = out / "answers" / "m.jsonl"
+        partial, asked, printed = _kill_then_finish(["judge", "answer", *common, "--api", answerer.url,
+                                                     "--api-model", "m"], answers, 4, answerer)  # fmt: skip
+        assert f"{12 - partial} answered now, {partial} already in" in printed
+        assert sorted(r["question_id"] for r in read_jsonl(answers)) == list(range(12))  # each exactly once
+        assert asked == 12 - partial  # the finished ones were not asked again
 
-        grade_args = ["judge", "grade", "--questions", str(questions), "--judge-api", judge.url, "--judge-model", "j",
-                      f"output_dir={out}", "concurrency=2"]  # fmt: skip
-        _kill_when(_corral(*grade_args), out / "judgments" / "single.jsonl", 3)
-        partial = len(read_jsonl(out / "judgments" / "single.jsonl"))
-        asked_before = len(judge.requests)
-        done = subprocess.run([sys.executable, "-m", "corral.cli", *grade_args], capture_output=True, text=True)
-        assert done.returncode == 0, done.stdout + done.stderr
-        keys = [r["key"] for r in read_jsonl(out / "judgments" / "single.jsonl")]
+        judgments = out / "judgments" / "single.jsonl"
+        partial, asked, _ = _kill_then_finish(["judge", "grade", *common, "--judge-api", judge.url, "--judge-model", "j"],
+                                              judgments, 3, judge)  # fmt: skip
+        keys = [r["key"] for r in read_jsonl(judgments)]
         assert len(keys) == len(set(keys)) == 12
-        assert len(judge.requests) - asked_before == 12 - partial
+        assert asked == 12 - partial
 
         done = subprocess.run([sys.executable, "-m", "corral.cli", "judge", "report", f"output_dir={out}"],
                               capture_output=True, text=True)  # fmt: skip

@@ -16,6 +16,7 @@ from corral.chat.conversation import Conversation
 from corral.generate.engine import with_template_stops
 from corral.generate.sampling import SamplingParams
 from corral.models.forward import final_hidden, output_head
+from corral.train.losses import entropy_from_logits
 
 
 @dataclass
@@ -82,9 +83,7 @@ def reply_logprobs(model, input_ids, attention_mask, reply_mask, reply_start, wi
     picked = hidden[rows, pos]  # (B, T, H)
     targets = input_ids[rows, pos + 1]
     logits = output_head(model)(picked).float()
-    logp = logits.log_softmax(-1)
-    token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * reply_mask
+    token_logp = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1) * reply_mask
     if not with_entropy:
         return token_logp
-    entropy = -(logp.exp() * logp).sum(-1) * reply_mask
-    return token_logp, entropy
+    return token_logp, entropy_from_logits(logits) * reply_mask
