@@ -282,6 +282,14 @@ class PPOConfig(Section):
                                     "saved as actor_ema/.")
     sample_every: int = Field(5, ge=1, description="Write prompts and replies to samples.jsonl every N steps.")
     seed: int = Field(42)
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (actor, critic, EMA, optimizers, KL "
+                            "controller, RNG; the prompt position follows from the step). 0: only at the end.")
+    save_total_limit: int = Field(2, ge=1, description="Keep only the newest N step checkpoints.")
+    resume: str = Field("auto", description="`auto` (newest complete checkpoint, if any), `never`, or a checkpoint path.")
+    rollout_backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="Rollout engine: Corral's transformers engine on the live actor weights, or vLLM "
+        "(CUDA only) with the actor's weights synced to it after each update.")
+    vllm_gpu_memory: float = Field(0.3, gt=0, lt=1, description="Share of GPU memory vLLM may take for rollouts.")
     data: PromptDataConfig = PromptDataConfig()
     lora: LoraConfig = LoraConfig()
 

@@ -142,7 +142,8 @@ class Engine(Protocol):
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
                loop: asyncio.AbstractEventLoop | None = None) -> Stream: ...
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, adapter: str | None = None) -> list[list[Completion]]: ...
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 adapter: str | None = None) -> list[list[Completion]]: ...
 
 
 @dataclass
@@ -223,9 +224,11 @@ class TransformersEngine:
             self._lock.notify()
         return stream
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, adapter: str | None = None) -> list[list[Completion]]:
-        """Generate for all prompts (batched, continuously); returns n completions per prompt, in order."""
-        streams = [self.submit(p, params, adapter) for p in prompts]
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 adapter: str | None = None) -> list[list[Completion]]:
+        """Generate for all prompts (batched, continuously); returns n completions per prompt, in order.
+        `params` is one for all prompts or one per prompt (e.g. a seed each)."""
+        streams = [self.submit(p, q, adapter) for p, q in zip(prompts, per_prompt(params, len(prompts)))]
         if self._thread is None:  # no background loop: run it here until our requests are done
             was_training = self.model.training
             self.model.eval()
@@ -454,6 +457,14 @@ def generate_replies(engine: Engine, fmt, conversations: list[Conversation], par
     params = with_template_stops(params, fmt)
     results = engine.generate([fmt.render(c) for c in conversations], params)
     return [choices[0].text.strip() for choices in results]
+
+
+def per_prompt(params: SamplingParams | list[SamplingParams], count: int) -> list[SamplingParams]:
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    if len(params) != count:
+        raise ValueError(f"{len(params)} sampling params for {count} prompts")
+    return list(params)
 
 
 def with_template_stops(params: SamplingParams, fmt) -> SamplingParams:

@@ -32,16 +32,19 @@ def _require_vllm():
 
 class VLLMEngine:
     def __init__(self, model_path: str, adapters: list[tuple[str, str]] = (), dtype: str = "auto",
-                 max_batch: int = 256, max_len: int | None = None):
+                 max_batch: int = 256, max_len: int | None = None, enable_lora: bool = False,
+                 max_lora_rank: int = 16, gpu_memory_utilization: float = 0.9):
         vllm = _require_vllm()
         from transformers import AutoTokenizer
         from vllm.lora.request import LoRARequest
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self._loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(adapters)}
+        self._next_lora_id = len(adapters)
         args = vllm.AsyncEngineArgs(
             model=model_path, dtype=dtype if dtype != "float32" else "float32", max_num_seqs=max_batch,
-            max_model_len=max_len, enable_lora=bool(adapters), max_loras=max(1, len(adapters)),
+            max_model_len=max_len, enable_lora=enable_lora or bool(adapters), max_loras=max(1, len(adapters)),
+            max_lora_rank=max_lora_rank, gpu_memory_utilization=gpu_memory_utilization,
         )  # fmt: skip
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="corral-vllm", daemon=True)
@@ -54,6 +57,14 @@ class VLLMEngine:
 
     def adapters(self) -> list[str]:
         return list(self._loras)
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """(Re)load the LoRA adapter saved at `path` as `name`. A fresh id makes vLLM read the new weights:
+        this is how PPO syncs its actor into the rollout engine after each update."""
+        from vllm.lora.request import LoRARequest
+
+        self._next_lora_id += 1
+        self._loras[name] = LoRARequest(name, self._next_lora_id, path)
 
     def _vllm_params(self, params: SamplingParams):
         from vllm import SamplingParams as VParams
@@ -110,8 +121,11 @@ class VLLMEngine:
         asyncio.run_coroutine_threadsafe(run(), self._loop)
         return stream
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, adapter: str | None = None) -> list[list[Completion]]:
-        streams = [self.submit(p, params, adapter) for p in prompts]
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 adapter: str | None = None) -> list[list[Completion]]:
+        from corral.generate.engine import per_prompt
+
+        streams = [self.submit(p, q, adapter) for p, q in zip(prompts, per_prompt(params, len(prompts)))]
         return [s.collect() for s in streams]
 
     def close(self) -> None:

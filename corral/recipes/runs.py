@@ -21,11 +21,12 @@ class Run:
     log: object  # print on the main process, a no-op elsewhere
 
 
-def begin_run(cfg, command: str) -> Run:
-    """Accelerator, output folder with the resolved config saved (main process), printed config, seed."""
+def begin_run(cfg, command: str, seed: int | None = None, mixed_precision: str | None = None) -> Run:
+    """Accelerator, output folder with the resolved config saved (main process), printed config, seed
+    (`seed` and `mixed_precision` default to the config's `train` section)."""
     from accelerate.utils import set_seed
 
-    accelerator = make_accelerator(cfg.train.mixed_precision)
+    accelerator = make_accelerator(mixed_precision or cfg.train.mixed_precision)
     main = accelerator.is_main_process
     out = Path(cfg.output_dir)
     log = print if main else (lambda *a, **k: None)
@@ -33,7 +34,7 @@ def begin_run(cfg, command: str) -> Run:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out)
     log(f"corral {command}: resolved config\n{dump_config(cfg)}")
-    set_seed(cfg.train.seed)
+    set_seed(cfg.train.seed if seed is None else seed)
     return Run(accelerator, out, main, log)
 
 

@@ -65,7 +65,9 @@ def save_checkpoint(
     output_dir: str | Path,
     state: dict,
     keep: int,
+    also: dict[str, Callable[[Path], None]] | None = None,
 ) -> Path:
+    """`also`: more folders beside `model/` (name -> writer), e.g. PPO's `critic/`."""
     final = checkpoints_dir(output_dir) / f"step-{step:06d}"
     staging = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
@@ -74,6 +76,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_model(model, staging / "model")
+        for name, write in (also or {}).items():
+            write(staging / name)
     accelerator.save_state(str(staging / "trainer_state"))  # every process writes its own RNG state
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

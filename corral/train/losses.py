@@ -75,34 +75,38 @@ def sequence_logps(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.T
     return sums, mask.sum(-1)
 
 
+def _token_mean(values: torch.Tensor, mask: torch.Tensor, normalizer: torch.Tensor | float | None) -> torch.Tensor:
+    """Sum of `values` over `mask`, divided by `normalizer` (default: the mask's own count). A data-parallel
+    shard passes the whole mini-batch's token count, so the shards' losses add up to the mini-batch's."""
+    total = (values * mask).sum()
+    return total / (mask.sum().clamp(min=1) if normalizer is None else max(float(normalizer), 1.0))
+
+
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    clip: float = 0.2) -> tuple[torch.Tensor, dict]:
+                    clip: float = 0.2, normalizer: float | None = None) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate (Schulman et al.): mean over reply tokens of max(-A r, -A clip(r, 1-e, 1+e)),
     r = exp(logp - logp_old). All (B, T). Returns (loss, {clip_frac, approx_kl}) with approx_kl the
-    k3 estimator (r - 1) - log r of the new policy from the one that sampled."""
-    from corral.train.ppo.advantages import masked_mean
-
+    k3 estimator (r - 1) - log r of the new policy from the one that sampled. `normalizer`: the token
+    count to divide by (default mask.sum()); the stats are divided by it too."""
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = _token_mean(torch.maximum(unclipped, clipped), mask, normalizer)
     with torch.no_grad():
-        stats = {"clip_frac": masked_mean((clipped > unclipped).float(), mask).item(),
-                 "approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item()}  # fmt: skip
+        stats = {"clip_frac": _token_mean((clipped > unclipped).float(), mask, normalizer).item(),
+                 "approx_kl": _token_mean((ratio - 1) - log_ratio, mask, normalizer).item()}  # fmt: skip
     return loss, stats
 
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                   clip: float = 0.2) -> tuple[torch.Tensor, dict]:
+                   clip: float = 0.2, normalizer: float | None = None) -> tuple[torch.Tensor, dict]:
     """Clipped value loss: 0.5 * mean over reply tokens of max((v - R)^2, (clip(v, v_old +- e) - R)^2)."""
-    from corral.train.ppo.advantages import masked_mean
-
     clipped_values = old_values + (values - old_values).clamp(-clip, clip)
     unclipped_err, clipped_err = (values - returns) ** 2, (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), mask)
+    loss = 0.5 * _token_mean(torch.maximum(unclipped_err, clipped_err), mask, normalizer)
     with torch.no_grad():
-        stats = {"value_clip_frac": masked_mean((clipped_err > unclipped_err).float(), mask).item()}
+        stats = {"value_clip_frac": _token_mean((clipped_err > unclipped_err).float(), mask, normalizer).item()}
     return loss, stats
 
 

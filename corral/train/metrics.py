@@ -60,3 +60,36 @@ def plot_losses(rows: list[dict], path: Path, title: str = "") -> Path | None:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_panels(rows: list[dict], path: Path, panels: dict[str, list[str]], title: str = "") -> Path | None:
+    """One small plot per panel (title -> metric keys against `step`), in a grid; keys never logged are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = {name: [k for k in keys if any(k in r for r in rows)] for name, keys in panels.items()}
+    present = {name: keys for name, keys in present.items() if keys}
+    if not present:
+        return None
+    cols = 3
+    nrows = -(-len(present) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 2.8 * nrows), dpi=100, squeeze=False)
+    for ax in axes.flat[len(present):]:
+        ax.axis("off")
+    for ax, (name, keys) in zip(axes.flat, present.items()):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=key, linewidth=1.2)
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    axes.flat[0].figure.suptitle(title or path.parent.name)
+    fig.supxlabel("step", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())

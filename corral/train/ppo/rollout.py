@@ -34,13 +34,16 @@ class Samples:
         return len(self.reply_ids)
 
 
-def sample_replies(engine, fmt, prompts: list[Conversation], params: SamplingParams, k: int = 1) -> Samples:
-    """k sampled replies per prompt conversation (each ending with a user turn)."""
+def sample_replies(engine, fmt, prompts: list[Conversation], params: SamplingParams, k: int = 1,
+                   seeds: list[int] | None = None) -> Samples:
+    """k sampled replies per prompt conversation (each ending with a user turn). `seeds`, one per prompt,
+    make each prompt's replies independent of what else is in the batch (and of the process it ran on)."""
     from dataclasses import replace
 
     params = replace(with_template_stops(params, fmt), n=k)
     prompt_ids = [fmt.render(c) for c in prompts]
-    results = engine.generate(prompt_ids, params)
+    per_prompt = [replace(params, seed=s) for s in seeds] if seeds is not None else params
+    results = engine.generate(prompt_ids, per_prompt)
     out = Samples([], [], [], [], k, list(prompts))
     for ids, completions in zip(prompt_ids, results):
         for c in completions:
@@ -49,6 +52,17 @@ def sample_replies(engine, fmt, prompts: list[Conversation], params: SamplingPar
             out.texts.append(c.text.strip())
             out.finish_reasons.append(c.finish_reason)
     return out
+
+
+def gather_samples(samples: Samples, accelerator) -> Samples:
+    """Every process's samples, in process order, on every process (prompt-major order is kept)."""
+    from accelerate.utils import gather_object
+
+    if accelerator is None or accelerator.num_processes == 1:
+        return samples
+    fields = ("prompt_ids", "reply_ids", "texts", "finish_reasons", "prompts")
+    gathered = {f: gather_object(list(getattr(samples, f))) for f in fields}
+    return Samples(k=samples.k, **gathered)
 
 
 def batch_tensors(prompt_ids: list[list[int]], reply_ids: list[list[int]], pad_id: int, device=None):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from corral.train.losses import ppo_policy_loss, ppo_value_loss
-from corral.train.ppo.advantages import KLController, gae, group_advantages, masked_mean, masked_whiten, token_rewards
+from corral.train.ppo.advantages import KLController, gae, group_advantages, masked_whiten, token_rewards
 from corral.train.ppo.rollout import Samples, batch_tensors, reply_logprobs
 
 
@@ -55,6 +55,9 @@ def reference_context(actor):
 def make_experience(actor, samples: Samples, scores: torch.Tensor, kl: KLController, settings: PPOSettings,
                     pad_id: int, ref_model=None, critic=None) -> Experience:
     """scores (N,) one reward per sample. ref_model None: the actor with its adapter disabled."""
+    from corral.models.forward import unwrap
+
+    actor, critic = unwrap(actor), unwrap(critic) if critic is not None else None
     device = next(actor.parameters()).device
     ids, attention, reply_mask, start = batch_tensors(samples.prompt_ids, samples.reply_ids, pad_id, device)
     was_training = actor.training
@@ -90,9 +93,20 @@ def make_experience(actor, samples: Samples, scores: torch.Tensor, kl: KLControl
 
 
 def ppo_update(actor, optimizer, exp: Experience, settings: PPOSettings, critic=None, critic_optimizer=None,
-               ptx_fn=None, ptx_coef: float = 0.0, generator: torch.Generator | None = None) -> dict:
+               ptx_fn=None, ptx_coef: float = 0.0, generator: torch.Generator | None = None,
+               accelerator=None) -> dict:
     """`settings.epochs` passes over the experience in shuffled mini-batches; one optimizer step each.
-    `ptx_fn()` -> (loss_sum, count) adds `ptx_coef` x a language-modelling loss on pretraining/SFT data."""
+
+    Data parallel: every process holds the whole experience and takes every world-th row of each
+    mini-batch; losses are divided by the whole mini-batch's token count, so the processes' gradients
+    add up to exactly the one-process gradient. `ptx_fn(key, rank, world)` -> (loss_sum, count) adds
+    `ptx_coef` x a language-modelling loss on pretraining/SFT data (count over all processes)."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    backward = accelerator.backward if accelerator else torch.Tensor.backward
+    no_sync = accelerator.no_sync if accelerator and world > 1 else (lambda model: nullcontext())
+    clip_norm = accelerator.clip_grad_norm_ if accelerator else torch.nn.utils.clip_grad_norm_
+    actor_params = [p for p in actor.parameters() if p.requires_grad]
+    critic_params = [p for p in critic.parameters() if p.requires_grad] if critic is not None else []
     n = exp.input_ids.shape[0]
     totals: dict[str, float] = {}
     steps = 0
@@ -100,34 +114,45 @@ def ppo_update(actor, optimizer, exp: Experience, settings: PPOSettings, critic=
     for _ in range(settings.epochs):
         order = torch.randperm(n, generator=generator)
         for lo in range(0, n, settings.minibatch):
-            idx = order[lo : lo + settings.minibatch]
+            batch = order[lo : lo + settings.minibatch]
+            tokens = float(exp.reply_mask[batch].sum())  # the whole mini-batch's, on every process
+            idx = batch[rank::world]
             mask = exp.reply_mask[idx]
             logp, entropy = reply_logprobs(actor, exp.input_ids[idx], exp.attention_mask[idx], mask,
                                            exp.reply_start[idx], with_entropy=True)  # fmt: skip
-            loss, stats = ppo_policy_loss(logp, exp.old_logprobs[idx], exp.advantages[idx], mask, settings.clip)
+            loss, stats = ppo_policy_loss(logp, exp.old_logprobs[idx], exp.advantages[idx], mask, settings.clip, tokens)
+            mean_entropy = (entropy * mask).sum() / max(tokens, 1.0)
             stats["policy_loss"] = loss.item()
-            stats["entropy"] = masked_mean(entropy, mask).item()
+            stats["entropy"] = mean_entropy.item()
             if settings.entropy_coef:
-                loss = loss - settings.entropy_coef * masked_mean(entropy, mask)
-            if ptx_fn is not None and ptx_coef:
-                ptx_sum, ptx_count = ptx_fn()
-                ptx_loss = ptx_sum / ptx_count.clamp(min=1)
-                loss = loss + ptx_coef * ptx_loss
-                stats["ptx_loss"] = ptx_loss.item()
+                loss = loss - settings.entropy_coef * mean_entropy
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
-                [p for p in actor.parameters() if p.requires_grad], settings.max_grad_norm))  # fmt: skip
+            # DDP averages gradients over processes; each process's loss is its share of the sum: scale back.
+            if ptx_fn is not None and ptx_coef:
+                with no_sync(actor):  # the gradients are reduced once, after the ptx backward below
+                    backward(loss * world)
+                ptx_sum, ptx_count = ptx_fn(steps, rank, world)
+                ptx_loss = ptx_sum / max(float(ptx_count), 1.0)
+                backward(ptx_coef * ptx_loss * world)
+                stats["ptx_loss"] = ptx_loss.item()
+            else:
+                backward(loss * world)
+            stats["grad_norm"] = float(clip_norm(actor_params, settings.max_grad_norm)) / world  # same everywhere
             optimizer.step()
             if critic is not None and exp.returns is not None:
                 values = critic(exp.input_ids[idx], exp.attention_mask[idx], mask, exp.reply_start[idx])
-                vloss, vstats = ppo_value_loss(values, exp.old_values[idx], exp.returns[idx], mask, settings.value_clip)
+                vloss, vstats = ppo_value_loss(values, exp.old_values[idx], exp.returns[idx], mask,
+                                               settings.value_clip, tokens)  # fmt: skip
                 critic_optimizer.zero_grad(set_to_none=True)
-                vloss.backward()
-                torch.nn.utils.clip_grad_norm_([p for p in critic.parameters() if p.requires_grad], settings.max_grad_norm)
+                backward(vloss * world)
+                clip_norm(critic_params, settings.max_grad_norm)
                 critic_optimizer.step()
                 stats |= {"value_loss": vloss.item(), **vstats}
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value
             steps += 1
+    if world > 1:  # each process holds its share of every figure: add them up
+        summed = accelerator.reduce(torch.tensor(list(totals.values()), dtype=torch.float64,
+                                                 device=accelerator.device), reduction="sum")  # fmt: skip
+        totals = dict(zip(totals, summed.tolist()))
     return {key: value / steps for key, value in totals.items()}
