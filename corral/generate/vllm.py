@@ -39,6 +39,7 @@ class VLLMEngine:
         from vllm.lora.request import LoRARequest
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.tokenizer.eos_token_id or 0)
         self._loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(adapters)}
         self._next_lora_id = len(adapters)
         args = vllm.AsyncEngineArgs(

@@ -313,7 +313,7 @@ def run(cfg: PPOConfig) -> dict:
             sync(step)
         t0 = time.perf_counter()
         samples = sample_replies(engine, fmt, [prompts[i] for i in mine], params, k=cfg.samples_per_prompt,
-                                 seeds=seeds)  # fmt: skip
+                                 seeds=seeds, adapter="actor" if sync else None)  # fmt: skip
         t1 = time.perf_counter()
         scores = scorer_scores(roles.scorer, samples, cfg.no_eos_penalty)
         samples = gather_samples(samples, accelerator)

@@ -35,7 +35,7 @@ class Samples:
 
 
 def sample_replies(engine, fmt, prompts: list[Conversation], params: SamplingParams, k: int = 1,
-                   seeds: list[int] | None = None) -> Samples:
+                   seeds: list[int] | None = None, adapter: str | None = None) -> Samples:
     """k sampled replies per prompt conversation (each ending with a user turn). `seeds`, one per prompt,
     make each prompt's replies independent of what else is in the batch (and of the process it ran on)."""
     from dataclasses import replace
@@ -43,7 +43,7 @@ def sample_replies(engine, fmt, prompts: list[Conversation], params: SamplingPar
     params = replace(with_template_stops(params, fmt), n=k)
     prompt_ids = [fmt.render(c) for c in prompts]
     per_prompt = [replace(params, seed=s) for s in seeds] if seeds is not None else params
-    results = engine.generate(prompt_ids, per_prompt)
+    results = engine.generate(prompt_ids, per_prompt, adapter)
     out = Samples([], [], [], [], k, list(prompts))
     for ids, completions in zip(prompt_ids, results):
         for c in completions:
