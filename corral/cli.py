@@ -25,6 +25,7 @@ from corral.config import (
     JudgeGradeConfig,
     JudgeReportConfig,
     MergeConfig,
+    PipelineConfig,
     PPOConfig,
     QuickstartConfig,
     RewardConfig,
@@ -82,6 +83,10 @@ COMMANDS: dict[str, Command] = {
         PPOConfig, "corral.recipes.ppo:run",
         "RLHF: PPO (critic + GAE) or rloo / grpo against a reward model or a reward function; KL control, ptx, EMA",
         aliases={"--data": "data.path", "--reward": "reward"},
+    ),
+    "pipeline": Command(
+        PipelineConfig, "corral.recipes.pipeline:run",
+        "SFT -> reward model -> PPO (or SFT -> DPO) from one config, stage by stage, resumable; one HTML report",
     ),
     "serve": Command(
         ServeConfig, "corral.recipes.serve:run",

@@ -355,6 +355,16 @@ def plots(report: dict) -> dict[str, str]:
 
 def to_html(report: dict, markdown: str) -> str:
     """One self-contained page: the tables (as preformatted Markdown rendered to HTML tables) and the plots."""
+    images = [("Scores by category" if name == "categories" else "Win-rate matrix", name, data)
+              for name, data in plots(report).items()]  # fmt: skip
+    return markdown_page("Corral judge report", markdown, trailing_images=images)
+
+
+def markdown_page(title: str, markdown: str, images_dir: str | Path | None = None,
+                  trailing_images: list[tuple[str, str, str]] = ()) -> str:
+    """A self-contained HTML page from our plain Markdown (headings, `- ` bullets, `|` tables, paragraphs).
+    An image line `![alt](file.png)` is embedded as base64 from `images_dir`, so the page opens anywhere;
+    `trailing_images` are (heading, alt, base64 PNG) appended at the end."""
     body = []
     table: list[str] = []
 
@@ -374,7 +384,11 @@ def to_html(report: dict, markdown: str) -> str:
             table.append(line)
             continue
         flush_table()
-        if line.startswith("### "):
+        if line.startswith("![") and line.endswith(")") and "](" in line and images_dir is not None:
+            alt, _, src = line[2:-1].partition("](")
+            data = base64.b64encode((Path(images_dir) / src).read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
+        elif line.startswith("### "):
             body.append(f"<h3>{html.escape(line[4:])}</h3>")
         elif line.startswith("## "):
             body.append(f"<h2>{html.escape(line[3:])}</h2>")
@@ -385,13 +399,12 @@ def to_html(report: dict, markdown: str) -> str:
         elif line.strip():
             body.append(f"<p>{html.escape(line)}</p>")
     flush_table()
-    for name, data in plots(report).items():
-        body.append(f'<h2>{"Scores by category" if name == "categories" else "Win-rate matrix"}</h2>'
-                    f'<img alt="{name}" src="data:image/png;base64,{data}">')  # fmt: skip
+    for heading, name, data in trailing_images:
+        body.append(f'<h2>{html.escape(heading)}</h2><img alt="{name}" src="data:image/png;base64,{data}">')
     style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
              "td:first-child,th:first-child{text-align:left}img{max-width:100%}")  # fmt: skip
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Corral judge report</title>"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")  # fmt: skip
 
 
