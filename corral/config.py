@@ -234,7 +234,8 @@ class ChatConfig(Section):
 
 class PromptDataConfig(MixtureFields):
     path: str = Field("", description="Prompts: any conversation file (the prompt is everything before the last "
-                      "assistant turn; a conversation ending with a user turn is all prompt), or `builtin:NAME`.")
+                      "assistant turn; a conversation ending with a user turn, or an Alpaca record without `output`, is all "
+                      "prompt), or `builtin:NAME`.")
     format: Literal["auto", "sharegpt", "openai", "alpaca"] = Field("auto", description="Record format.")
     skip_invalid: bool = Field(False, description="Drop invalid records (counted and reported) instead of failing.")
     split_stage: int = Field(2, ge=0, description="Which part of `split` this run uses (RL is 2).")

@@ -169,7 +169,9 @@ def _expected_role(messages: list[Message]) -> str:
     return "user" if len(turns) % 2 == 0 else "assistant"
 
 
-def parse_record(record: Any, fmt: str = "auto") -> Conversation:
+def parse_record(record: Any, fmt: str = "auto", need_reply: bool = True) -> Conversation:
+    """One record as a Conversation. `need_reply=False` (RL prompts) also takes a conversation ending with
+    a user turn, and an Alpaca record without `output`."""
     fmt = detect_format(record) if fmt == "auto" else fmt
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}")
@@ -184,15 +186,15 @@ def parse_record(record: Any, fmt: str = "auto") -> Conversation:
             raise DataError("field 'messages': missing")
         messages = parse_turns(record["messages"], "messages", "role", "content", OPENAI_ROLES)
     elif fmt == "alpaca":
-        for key in ("instruction", "output"):
+        for key in ("instruction", "output") if need_reply else ("instruction",):
             if key not in record:
                 raise DataError(f"field '{key}': missing")
         instruction = require_str(record["instruction"], "instruction")
         extra = record.get("input") or ""
         require_str(extra, "input", allow_empty=True)
-        output = require_str(record["output"], "output")
-        messages = [Message("user", f"{instruction}\n\n{extra}" if extra.strip() else instruction),
-                    Message("assistant", output)]
+        messages = [Message("user", f"{instruction}\n\n{extra}" if extra.strip() else instruction)]
+        if need_reply or "output" in record:
+            messages.append(Message("assistant", require_str(record["output"], "output")))
         if isinstance(record.get("system"), str) and record["system"].strip():
             messages.insert(0, Message("system", record["system"]))
     else:
@@ -200,20 +202,20 @@ def parse_record(record: Any, fmt: str = "auto") -> Conversation:
     turns = [m for m in messages if m.role != "system"]
     if not turns:
         raise DataError("no user or assistant messages")
-    if turns[-1].role != "assistant":
+    if turns[-1].role != "assistant" and need_reply:
         raise DataError(f"the conversation ends with a {turns[-1].role} message, not an assistant reply")
     return Conversation(messages, id=str(record.get("id", "")))
 
 
 def read_conversations(
-    path: str | Path, fmt: str = "auto", skip_invalid: bool = False
+    path: str | Path, fmt: str = "auto", skip_invalid: bool = False, need_reply: bool = True
 ) -> tuple[list[Conversation], ReadReport]:
     report = ReadReport(str(path))
     conversations: list[Conversation] = []
     for location, record in iter_records(path):
         report.total += 1
         try:
-            conv = parse_record(record, fmt)
+            conv = parse_record(record, fmt, need_reply)
         except DataError as e:
             if not skip_invalid:
                 raise DataError(f"{location}: {e}") from None

@@ -61,7 +61,7 @@ def prompt_of(conv: Conversation) -> Conversation | None:
 def read_rl_prompts(cfg: PPOConfig, fmt, log) -> list[Conversation]:
     from functools import partial
 
-    reader = partial(read_conversations, fmt=cfg.data.format, skip_invalid=cfg.data.skip_invalid)
+    reader = partial(read_conversations, fmt=cfg.data.format, skip_invalid=cfg.data.skip_invalid, need_reply=False)
     convs = load_records(reader, cfg.data.path, cfg.data.sources, cfg.data.mix_seed, cfg.data.split,
                          cfg.data.split_stage, cfg.data.split_seed, log)  # fmt: skip
     prompts, too_long = [], 0

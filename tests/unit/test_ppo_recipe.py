@@ -129,3 +129,21 @@ def test_ppo_with_a_lora_reward_model_and_critic(tmp_path, tiny_model_dir, tiny_
     summary = json.loads((out / "summary.json").read_text())
     assert summary["last"]["step"] == 2 and "value_loss" in summary["last"]
     assert (out / "loss.png").stat().st_size > 10_000
+
+
+def test_prompt_only_files_are_rl_prompts(tmp_path):
+    """RL prompts may be conversations ending with a user turn or Alpaca records without an output; SFT data may not."""
+    from corral.chat.templates import get_template
+    from corral.data.formats import DataError, read_conversations
+    from corral.recipes.ppo import read_rl_prompts
+    from tests.conftest import build_tokenizer
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "Name a colour."}]}\n'
+                    '{"instruction": "Count to three."}\n'
+                    '{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}\n')
+    cfg = PPOConfig(model="x", reward="m:f", data={"path": str(path)})
+    prompts = read_rl_prompts(cfg, get_template("chatml", build_tokenizer()), print)
+    assert [[m.content for m in p.messages] for p in prompts] == [["Name a colour."], ["Count to three."], ["Hi"]]
+    with pytest.raises(DataError, match="prompts.jsonl:1: the conversation ends with a user message"):
+        read_conversations(path)
