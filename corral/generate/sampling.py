@@ -91,16 +91,25 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
 
 
 def sample_next(logits: torch.Tensor, rows: RowParams, generators: list[torch.Generator]) -> torch.Tensor:
-    """(B,) next tokens: argmax where temperature is 0, else a draw from each row's own generator."""
+    """(B,) next tokens: argmax where temperature is 0, else a draw from each row's own generator.
+
+    A draw is inverse-CDF sampling: one uniform number from the row's generator, looked up in the row's
+    cumulative probabilities, all rows at once. Per-row `torch.multinomial` calls cost more than the
+    model's own decode step on CPU at small batch; this costs one batched cumsum.
+    """
     greedy = logits.argmax(dim=-1)
     sampled_rows = (rows.temperature > 0).nonzero().flatten().tolist()
     if not sampled_rows:
         return greedy
     idx = torch.tensor(sampled_rows, device=logits.device)
     scaled = logits[idx] / rows.temperature[idx, None]
-    scaled = filter_top_k_top_p(scaled, rows.top_k[idx], rows.top_p[idx])
-    probs = scaled.softmax(dim=-1).cpu()
+    top_k, top_p = rows.top_k[idx], rows.top_p[idx]
+    if bool(((top_k > 0) & (top_k < scaled.shape[-1])).any() or (top_p < 1).any()):  # the sort is costly: only if needed
+        scaled = filter_top_k_top_p(scaled, top_k, top_p)
+    cdf = scaled.softmax(dim=-1).float().cumsum(dim=-1)
+    uniform = torch.cat([torch.rand(1, generator=generators[row]) for row in sampled_rows]).to(cdf.device)
+    # The first token whose cumulative mass exceeds u * total: a token of zero probability is never picked.
+    picked = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).squeeze(-1)
     tokens = greedy.clone()
-    for j, row in enumerate(sampled_rows):
-        tokens[row] = torch.multinomial(probs[j], 1, generator=generators[row]).item()
+    tokens[idx] = picked.clamp(max=scaled.shape[-1] - 1)
     return tokens

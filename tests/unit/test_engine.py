@@ -178,3 +178,21 @@ def test_generate_replies_stops_at_the_template_end_of_turn(model, tiny_tokenize
     (reply,) = generate_replies(engine, fmt, [conv], SamplingParams(max_new_tokens=40))
     raw = engine.generate([fmt.render(conv)], SamplingParams(max_new_tokens=40, stop_token_ids=(end_of_turn,)))[0][0]
     assert reply == raw.text.strip()
+
+
+def test_sampling_draws_follow_the_distribution():
+    """Inverse-CDF draws: frequencies match softmax(logits / T), and tokens cut by top-k are never drawn."""
+    from corral.generate.sampling import RowParams, sample_next
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]])
+    draws = 4000
+    params = [SamplingParams(temperature=0.5, seed=0)]
+    rows = RowParams.of(params * draws, "cpu")
+    generators = [torch.Generator().manual_seed(i) for i in range(draws)]
+    tokens = sample_next(logits.expand(draws, -1), rows, generators)
+    freq = torch.bincount(tokens, minlength=5).float() / draws
+    expected = (logits[0] / 0.5).softmax(-1)
+    assert torch.allclose(freq, expected, atol=0.03)  # about 4 standard errors at 4000 draws
+    top2 = sample_next(logits.expand(draws, -1), RowParams.of([SamplingParams(temperature=1.0, top_k=2, seed=0)] * draws, "cpu"),
+                       [torch.Generator().manual_seed(i) for i in range(draws)])  # fmt: skip
+    assert set(top2.tolist()) == {0, 1}

@@ -4,7 +4,6 @@ the mean reward rises clearly, with the critic-free rloo baseline and with PPO's
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 
 import pytest
 import torch
@@ -49,7 +48,7 @@ def test_rl_raises_a_rule_based_reward(tiny_model_dir, advantage):
     kl = KLController(0.01)
     means = []
     for step in range(14):
-        samples = sample_replies(engine, fmt, PROMPTS, replace(params, seed=step), k=4)
+        samples = sample_replies(engine, fmt, PROMPTS, params, k=4, seeds=[step * 100 + i for i in range(len(PROMPTS))])
         scores = rollout_rewards(samples, wanted)
         means.append(scores.mean().item())
         exp = make_experience(actor, samples, scores, kl, settings, engine.pad_id, ref_model=ref, critic=critic)
