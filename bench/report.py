@@ -14,9 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-from corral.atomic import atomic_write_text
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's corral, installed or not (as the other bench scripts)
+
+from corral.atomic import atomic_write_text  # noqa: E402
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 COLUMN_TITLES = {  # row fields shown first, in this order; other fields follow under their own names
@@ -34,8 +35,16 @@ COLUMN_TITLES = {  # row fields shown first, in this order; other fields follow 
     "requests": "requests",
     "output_tokens": "output tokens",
     "wall_s": "wall (s)",
+    "mean_step_s": "mean step (s)",
+    "gen_s": "generation (s/step)",
+    "train_s": "training (s/step)",
+    "gen_tok_s": "generated tokens/s",
+    "train_tok_s": "training tokens/s",
+    "reply_len": "reply tokens",
+    "reward_mean": "reward",
 }
-HIDDEN_FIELDS = {"name", "self_peak_rss_mb", "process_wall_s", "timed_tokens", "timed_target_tokens", "timed_steps"}
+HIDDEN_FIELDS = {"name", "self_peak_rss_mb", "process_wall_s", "timed_tokens", "timed_target_tokens", "timed_steps",
+                 "timed_step_s", "recipe_train_s"}  # fmt: skip
 
 
 def fmt_number(value) -> str:
@@ -77,7 +86,9 @@ def setup_text(setup: dict) -> str:
         known.append("LoRA " + ", ".join(f"{k} {v}" for k, v in lora.items()))
     for key, title in (("seq_len", "seq len"), ("batch", "batch"), ("grad_accum", "grad accum"), ("dtype", "dtype"),
                        ("steps_timed", "timed steps"), ("warmup", "warmup steps"),
-                       ("max_new_tokens", "max new tokens"), ("decoding", "decoding"), ("clients", "clients"),
+                       ("prompts_per_step", "prompts per step"), ("samples_per_prompt", "samples per prompt"),
+                       ("max_new_tokens", "max new tokens"), ("decoding", "decoding"), ("kl_coef", "KL coef"),
+                       ("clients", "clients"),
                        ("replies_differing_between_servers", "replies differing between the servers")):  # fmt: skip
         if key in setup:
             known.append(f"{title} {setup[key]}")
