@@ -35,6 +35,17 @@ def machine_info() -> dict:
     }
 
 
+def on_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def safe_ratio(a: float | None, b: float | None) -> float | None:
+    """a / b rounded, or None when either side is missing or zero."""
+    return round(a / b, 3) if a and b else None
+
+
 def versions(packages=("corral", "transformers", "peft", "accelerate", "trl", "datasets")) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 

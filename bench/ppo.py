@@ -41,7 +41,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # measure this checkout's corral, installed or not
 
-from bench.common import machine_info, results_path, run_row_child, timed_window, versions, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    machine_info, on_cuda, results_path, run_row_child, safe_ratio, timed_window, versions, write_results)
 
 MODEL = "smollm2-135m"
 TEMPLATE = "chatml"
@@ -115,12 +116,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"--rows: unknown {', '.join(unknown)}; known: {', '.join(ROWS)}")
     return args
-
-
-def on_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def set_threads(threads: int) -> None:
@@ -346,10 +341,6 @@ def child_main(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The parent: one fresh child per row, ratios, results file, table
-
-
-def safe_ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a and b else None
 
 
 def make_ratios(rows: dict[str, dict]) -> dict:

@@ -22,6 +22,7 @@ import importlib
 import json
 import random
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,8 +226,6 @@ def make_rollout_engine(cfg: PPOConfig, actor, tokenizer, max_batch: int, out: P
             unwrap(actor).save_pretrained(tmp, safe_serialization=True)
         engine.load_adapter("actor", str(folder))
         for old in sorted(sync_dir.glob("step-*"))[:-2]:  # vLLM may still read the previous one
-            import shutil
-
             shutil.rmtree(old, ignore_errors=True)
 
     return engine, sync
