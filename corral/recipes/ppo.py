@@ -328,14 +328,15 @@ def run(cfg: PPOConfig) -> dict:
         t2 = time.perf_counter()
         if ema is not None:
             ema.update(unwrap(actor))
-        kl.update(exp.stats["kl"], len(samples))
+        stats = {**exp.stats, **stats}  # on-policy updates give the step's KL
+        kl.update(stats["kl"], len(samples))
         gen_tokens = int(exp.reply_mask.sum())
         train_tokens = int(exp.attention_mask.sum()) * settings.epochs
-        record = {"step": step, **exp.stats, **stats, "gen_s": t1 - t0, "train_s": t2 - t1,
+        record = {"step": step, **stats, "gen_s": t1 - t0, "train_s": t2 - t1,
                   "gen_tok_s": gen_tokens / (t1 - t0), "train_tok_s": train_tokens / (t2 - t1),
                   "ended_turn": sum(r == "stop" for r in samples.finish_reasons) / len(samples)}  # fmt: skip
         metrics.log(record)
-        bar.set_postfix(reward=f"{exp.stats['reward_mean']:.3f}", kl=f"{exp.stats['kl']:.3f}")
+        bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['kl']:.3f}")
         if main and (step == 1 or step % cfg.sample_every == 0 or step == cfg.steps):
             for i in range(min(len(samples), 4)):
                 append_line(samples_path, json.dumps({"step": step, "prompt": samples.prompts[i // samples.k].messages[-1].content,

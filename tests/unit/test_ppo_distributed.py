@@ -65,8 +65,10 @@ def test_hard_kill_and_resume_gives_the_same_steps(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
-def test_two_processes_compute_the_one_process_update(tiny_model_dir, tmp_path):
-    common = {"steps": 3, "save_every": 0, "lora.dropout": 0.0, "resume": "never"}
+@pytest.mark.parametrize("update", [{"minibatch": 2, "ppo_epochs": 2}, {"minibatch": 4, "ppo_epochs": 1}],
+                         ids=["several-minibatches", "on-policy"])  # on-policy: old log-probs from the update's forward
+def test_two_processes_compute_the_one_process_update(tiny_model_dir, tmp_path, update):
+    common = {"steps": 3, "save_every": 0, "lora.dropout": 0.0, "resume": "never", **update}
     single = subprocess.run([sys.executable, "-m", "corral.cli", *ppo_args(tiny_model_dir, tmp_path / "one", **common)],
                             capture_output=True, text=True)  # fmt: skip
     assert single.returncode == 0, single.stderr[-3000:]

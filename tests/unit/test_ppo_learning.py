@@ -59,3 +59,42 @@ def test_rl_raises_a_rule_based_reward(tiny_model_dir, advantage):
             assert "value_loss" in stats
     print(advantage, [round(m, 2) for m in means])
     assert sum(means[-3:]) / 3 > sum(means[:3]) / 3 + 0.15
+
+
+@pytest.mark.parametrize("advantage", ["rloo", "grpo", "gae"])
+def test_on_policy_update_without_the_old_logprob_pass_is_the_same_update(tiny_model_dir, advantage):
+    """One epoch of one mini-batch takes the old log-probs, old values and advantages from the update's own
+    forward: the same step as computing them in a pass of their own first."""
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    fmt = get_template("auto", tokenizer)
+    start = load_model(str(tiny_model_dir))
+    engine = TransformersEngine(start, tokenizer)
+    samples = sample_replies(engine, fmt, PROMPTS[:2], SamplingParams(max_new_tokens=6, temperature=1.0), k=3,
+                             seeds=[1, 2])  # fmt: skip
+    scores = rollout_rewards(samples, set(range(len(tokenizer) // 2)))
+    settings = PPOSettings(advantage=advantage, epochs=1, minibatch=len(samples))
+    results = {}
+    for fuse in (False, True):
+        torch.manual_seed(0)
+        actor = copy.deepcopy(start).train()
+        ref = copy.deepcopy(start).eval().requires_grad_(False)
+        with torch.no_grad():  # move the actor off the reference, so the KL penalty is not zero
+            for p in actor.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        critic = critic_opt = None
+        if advantage == "gae":
+            critic = Critic(load_reward_model(str(tiny_model_dir), pad_token_id=engine.pad_id)).train()
+            critic_opt = torch.optim.SGD(critic.parameters(), lr=0.1)
+        optimizer = torch.optim.SGD(actor.parameters(), lr=0.1)
+        exp = make_experience(actor, samples, scores, KLController(0.1), settings, engine.pad_id, ref_model=ref,
+                              critic=critic, fuse=fuse)  # fmt: skip
+        assert (exp.old_logprobs is None) == fuse and (exp.advantages is None) == fuse
+        stats = {**exp.stats, **ppo_update(actor, optimizer, exp, settings, critic=critic, critic_optimizer=critic_opt,
+                                           generator=torch.Generator().manual_seed(0))}  # fmt: skip
+        results[fuse] = stats, [p.detach().clone() for p in [*actor.parameters(), *(critic or actor).parameters()]]
+    (separate, weights_a), (fused, weights_b) = results[False], results[True]
+    assert separate.keys() == fused.keys() and abs(separate["kl"]) > 1e-3
+    for key in separate:
+        assert fused[key] == pytest.approx(separate[key], rel=1e-4, abs=1e-6), key
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(weights_a, weights_b))
+    assert any(not torch.equal(a, p) for a, p in zip(weights_a, start.parameters()))  # it did train

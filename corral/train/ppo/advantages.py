@@ -17,11 +17,15 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries (unbiased variance); padding is left at 0."""
-    mean = masked_mean(x, mask)
-    n = mask.sum().clamp(min=2)
-    var = (((x - mean) ** 2) * mask).sum() / (n - 1)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  total=None) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (unbiased variance); padding is left at 0.
+    `total(t)` sums a tensor over processes when each holds a share of the rows (data parallel)."""
+    total = total or (lambda t: t)
+    mask = mask.to(x.dtype)
+    n = total(mask.sum())
+    mean = total((x * mask).sum()) / n.clamp(min=1)
+    var = total((((x - mean) ** 2) * mask).sum()) / (n.clamp(min=2) - 1)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -39,11 +39,23 @@ class Experience:
     attention_mask: torch.Tensor
     reply_mask: torch.Tensor
     reply_start: torch.Tensor
-    old_logprobs: torch.Tensor
-    advantages: torch.Tensor
+    ref_logprobs: torch.Tensor
+    scores: torch.Tensor
+    k: int  # samples per prompt (rows i*k .. i*k+k-1 share a prompt)
+    # None when on-policy (`on_policy`): then the update's own first forward is the sampling policy, and
+    # these come from it instead of a separate pass.
+    old_logprobs: torch.Tensor | None
+    advantages: torch.Tensor | None
     returns: torch.Tensor | None
     old_values: torch.Tensor | None
     stats: dict
+
+
+def on_policy(settings: PPOSettings, n: int) -> bool:
+    """One epoch of one mini-batch: the update's forward runs the very weights that sampled, so the old
+    log-probs (and old values) are that forward's, detached, and no pass of their own is needed (TRL's GRPO
+    does the same when it generates and updates in step)."""
+    return settings.epochs == 1 and settings.minibatch >= n
 
 
 def reference_context(actor):
@@ -51,45 +63,65 @@ def reference_context(actor):
     return actor.disable_adapter() if hasattr(actor, "disable_adapter") else nullcontext()
 
 
+def compute_advantages(rows: torch.Tensor, old_logp, ref_logp, scores, mask, n: int, k: int, settings: PPOSettings,
+                       kl_coef: float, values=None, total=None):
+    """Advantages (and GAE returns) of the rollout's rows `rows` (all n of them, or a process's share, with
+    `total` summing a tensor over the processes). gae: per-token rewards with the KL penalty and the critic's
+    values; rloo / grpo: the KL-penalised sequence reward against the other samples of the same prompt,
+    broadcast to every reply token. Returns (advantages, returns or None, per-token KL), all (b, T)."""
+    total = total or (lambda t: t)
+    kl_tokens = (old_logp - ref_logp) * mask
+    returns = None
+    if settings.advantage == "gae":
+        if values is None:
+            raise ValueError("advantage=gae needs a critic")
+        rewards, _ = token_rewards(scores, old_logp, ref_logp, mask, kl_coef, settings.reward_clip)
+        advantages, returns = gae(rewards, values, mask, settings.gamma, settings.lam)
+    else:
+        clipped = scores.clamp(-settings.reward_clip, settings.reward_clip) if settings.reward_clip else scores
+        shaped = torch.zeros(n, dtype=kl_tokens.dtype, device=kl_tokens.device)
+        shaped = total(shaped.index_copy(0, rows, clipped - kl_coef * kl_tokens.sum(-1)))  # every row, once
+        advantages = group_advantages(shaped.view(-1, k), settings.advantage).view(-1)[rows, None] * mask
+    if settings.whiten:
+        advantages = masked_whiten(advantages, mask, total=total)
+    return advantages, returns, kl_tokens
+
+
 @torch.no_grad()
 def make_experience(actor, samples: Samples, scores: torch.Tensor, kl: KLController, settings: PPOSettings,
-                    pad_id: int, ref_model=None, critic=None) -> Experience:
-    """scores (N,) one reward per sample. ref_model None: the actor with its adapter disabled."""
+                    pad_id: int, ref_model=None, critic=None, fuse: bool | None = None) -> Experience:
+    """scores (N,) one reward per sample. ref_model None: the actor with its adapter disabled.
+    `fuse` (default `on_policy`): leave the old log-probs, values and advantages to the update's forward."""
     from corral.models.forward import unwrap
 
     actor, critic = unwrap(actor), unwrap(critic) if critic is not None else None
+    if settings.advantage == "gae" and critic is None:
+        raise ValueError("advantage=gae needs a critic")
     device = next(actor.parameters()).device
     ids, attention, reply_mask, start = batch_tensors(samples.prompt_ids, samples.reply_ids, pad_id, device)
+    n = len(samples)
+    fuse = on_policy(settings, n) if fuse is None else fuse
     was_training = actor.training
     actor.eval()
-    old_logp = reply_logprobs(actor, ids, attention, reply_mask, start)
     if ref_model is None:
         with reference_context(actor):
             ref_logp = reply_logprobs(actor, ids, attention, reply_mask, start)
     else:
         ref_logp = reply_logprobs(ref_model, ids, attention, reply_mask, start)
+    old_logp = None if fuse else reply_logprobs(actor, ids, attention, reply_mask, start)
     actor.train(was_training)
     scores = scores.to(device).float()
-    values = returns = None
-    if settings.advantage == "gae":
-        if critic is None:
-            raise ValueError("advantage=gae needs a critic")
-        rewards, kl_tokens = token_rewards(scores, old_logp, ref_logp, reply_mask, kl.value, settings.reward_clip)
-        values = critic(ids, attention, reply_mask, start)
-        advantages, returns = gae(rewards, values, reply_mask, settings.gamma, settings.lam)
-    else:
-        kl_tokens = (old_logp - ref_logp) * reply_mask
-        clipped = scores.clamp(-settings.reward_clip, settings.reward_clip) if settings.reward_clip else scores
-        shaped = clipped - kl.value * kl_tokens.sum(-1)
-        per_sample = group_advantages(shaped.view(-1, samples.k), settings.advantage).view(-1)
-        advantages = per_sample[:, None] * reply_mask
-    if settings.whiten:
-        advantages = masked_whiten(advantages, reply_mask)
-    sequence_kl = kl_tokens.sum(-1)
-    stats = {"reward_mean": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
-             "kl": sequence_kl.mean().item(), "kl_coef": kl.value,
-             "reply_len": reply_mask.sum(-1).float().mean().item()}  # fmt: skip
-    return Experience(ids, attention, reply_mask, start, old_logp, advantages, returns, values, stats)
+    stats = {"reward_mean": scores.mean().item(), "reward_std": scores.std().item() if n > 1 else 0.0,
+             "kl_coef": kl.value, "reply_len": reply_mask.sum(-1).float().mean().item()}  # fmt: skip
+    values = advantages = returns = None
+    if not fuse:
+        values = critic(ids, attention, reply_mask, start) if settings.advantage == "gae" else None
+        advantages, returns, kl_tokens = compute_advantages(torch.arange(n, device=device), old_logp, ref_logp,
+                                                            scores, reply_mask, n, samples.k, settings, kl.value,
+                                                            values)  # fmt: skip
+        stats["kl"] = kl_tokens.sum(-1).mean().item()
+    return Experience(ids, attention, reply_mask, start, ref_logp, scores, samples.k, old_logp, advantages, returns,
+                      values, stats)  # fmt: skip
 
 
 def ppo_update(actor, optimizer, exp: Experience, settings: PPOSettings, critic=None, critic_optimizer=None,
@@ -99,8 +131,10 @@ def ppo_update(actor, optimizer, exp: Experience, settings: PPOSettings, critic=
 
     Data parallel: every process holds the whole experience and takes every world-th row of each
     mini-batch; losses are divided by the whole mini-batch's token count, so the processes' gradients
-    add up to exactly the one-process gradient. `ptx_fn(key, rank, world)` -> (loss_sum, count) adds
-    `ptx_coef` x a language-modelling loss on pretraining/SFT data (count over all processes)."""
+    add up to exactly the one-process gradient. On-policy experience (no old log-probs) takes them, the
+    critic's old values and the advantages from the update's own forward. `ptx_fn(key, rank, world)` ->
+    (loss_sum, count) adds `ptx_coef` x a language-modelling loss on pretraining/SFT data (count over all
+    processes)."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     backward = accelerator.backward if accelerator else torch.Tensor.backward
     no_sync = accelerator.no_sync if accelerator and world > 1 else (lambda model: nullcontext())
@@ -108,6 +142,9 @@ def ppo_update(actor, optimizer, exp: Experience, settings: PPOSettings, critic=
     actor_params = [p for p in actor.parameters() if p.requires_grad]
     critic_params = [p for p in critic.parameters() if p.requires_grad] if critic is not None else []
     n = exp.input_ids.shape[0]
+    if exp.old_logprobs is None and (settings.epochs != 1 or settings.minibatch < n):
+        raise ValueError("the experience left its old log-probs to the update, which takes more than one step")
+    total = (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None
     totals: dict[str, float] = {}
     steps = 0
     actor.train()
@@ -120,7 +157,22 @@ def ppo_update(actor, optimizer, exp: Experience, settings: PPOSettings, critic=
             mask = exp.reply_mask[idx]
             logp, entropy = reply_logprobs(actor, exp.input_ids[idx], exp.attention_mask[idx], mask,
                                            exp.reply_start[idx], with_entropy=True)  # fmt: skip
-            loss, stats = ppo_policy_loss(logp, exp.old_logprobs[idx], exp.advantages[idx], mask, settings.clip, tokens)
+            values = None
+            if critic is not None and settings.advantage == "gae":
+                values = critic(exp.input_ids[idx], exp.attention_mask[idx], mask, exp.reply_start[idx])
+            stats = {}
+            if exp.old_logprobs is None:  # on-policy: this forward is the policy that sampled
+                old_logp, old_values = logp.detach(), values.detach() if values is not None else None
+                advantages, returns, kl_tokens = compute_advantages(idx, old_logp, exp.ref_logprobs[idx],
+                                                                    exp.scores[idx], mask, n, exp.k, settings,
+                                                                    exp.stats["kl_coef"], old_values, total)  # fmt: skip
+                stats["kl"] = kl_tokens.sum().item() / n  # this process's share of the mean sequence KL
+            else:
+                old_logp, advantages = exp.old_logprobs[idx], exp.advantages[idx]
+                old_values = exp.old_values[idx] if exp.old_values is not None else None
+                returns = exp.returns[idx] if exp.returns is not None else None
+            loss, policy_stats = ppo_policy_loss(logp, old_logp, advantages, mask, settings.clip, tokens)
+            stats |= policy_stats
             mean_entropy = (entropy * mask).sum() / max(tokens, 1.0)
             stats["policy_loss"] = loss.item()
             stats["entropy"] = mean_entropy.item()
@@ -139,10 +191,8 @@ def ppo_update(actor, optimizer, exp: Experience, settings: PPOSettings, critic=
                 backward(loss * world)
             stats["grad_norm"] = float(clip_norm(actor_params, settings.max_grad_norm)) / world  # same everywhere
             optimizer.step()
-            if critic is not None and exp.returns is not None:
-                values = critic(exp.input_ids[idx], exp.attention_mask[idx], mask, exp.reply_start[idx])
-                vloss, vstats = ppo_value_loss(values, exp.old_values[idx], exp.returns[idx], mask,
-                                               settings.value_clip, tokens)  # fmt: skip
+            if values is not None:
+                vloss, vstats = ppo_value_loss(values, old_values, returns, mask, settings.value_clip, tokens)
                 critic_optimizer.zero_grad(set_to_none=True)
                 backward(vloss * world)
                 clip_norm(critic_params, settings.max_grad_norm)
