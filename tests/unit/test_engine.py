@@ -42,6 +42,36 @@ def test_batched_greedy_equals_transformers_generate_alone(model, tiny_tokenizer
         assert choice.finish_reason == "length"
 
 
+class ScaledLogits(torch.nn.Module):
+    """A model whose logits are not its output head's plain product (as with logit scaling or capping)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, **kwargs):
+        out = self.inner(**kwargs)
+        out.logits = -out.logits  # greedy now takes the least likely token
+        return out
+
+
+def test_the_engine_runs_a_plain_output_head_itself_and_no_other(model, tiny_tokenizer, prompts):
+    engine = TransformersEngine(model, tiny_tokenizer, stop_token_ids=())
+    (fast,) = engine.generate(prompts[:1], SamplingParams(max_new_tokens=6))
+    assert engine._head is model.get_output_embeddings().weight  # checked against the model's logits, then used
+    assert fast[0].token_ids == hf_greedy(model, prompts[0], 6)
+    scaled = ScaledLogits(model)
+    engine = TransformersEngine(scaled, tiny_tokenizer, stop_token_ids=())
+    (own,) = engine.generate(prompts[:1], SamplingParams(max_new_tokens=6))
+    assert engine._head is False  # its own logits differ from head @ hidden: they are kept
+    with torch.no_grad():
+        logits = model(torch.tensor([prompts[0]])).logits[0, -1]
+    assert own[0].token_ids[0] == int(logits.argmin())
+
+
 def test_requests_joining_and_leaving_a_running_batch(model, tiny_tokenizer, prompts):
     """Requests join mid-flight, rows retire at different steps, the batch is capped: outputs are unchanged."""
     engine = TransformersEngine(model, tiny_tokenizer, stop_token_ids=(), max_batch=3)
