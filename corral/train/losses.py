@@ -110,7 +110,6 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     return loss, stats
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of each position's next-token distribution: (..., vocab) -> (...)."""
-    logp = logits.float().log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1)
+def entropy_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
+    """Entropy of each position's next-token distribution, from its log-softmax: (..., vocab) -> (...)."""
+    return -(logprobs.exp() * logprobs).sum(-1)

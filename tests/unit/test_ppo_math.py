@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from corral.train.losses import entropy_from_logits, ppo_policy_loss, ppo_value_loss
+from corral.train.losses import entropy_from_logprobs, ppo_policy_loss, ppo_value_loss
 from corral.train.ppo.advantages import KLController, gae, group_advantages, masked_whiten, token_rewards
 from corral.train.ppo.ema import EMA
 
@@ -117,4 +117,4 @@ def test_ema_update():
 
 def test_entropy():
     uniform = torch.zeros(4)
-    assert entropy_from_logits(uniform).item() == pytest.approx(math.log(4))
+    assert entropy_from_logprobs(uniform.log_softmax(-1)).item() == pytest.approx(math.log(4))

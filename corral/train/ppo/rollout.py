@@ -16,7 +16,7 @@ from corral.chat.conversation import Conversation
 from corral.generate.engine import with_template_stops
 from corral.generate.sampling import SamplingParams
 from corral.models.forward import final_hidden, output_head
-from corral.train.losses import entropy_from_logits
+from corral.train.losses import entropy_from_logprobs
 
 
 @dataclass
@@ -86,9 +86,11 @@ def reply_positions(reply_start: torch.Tensor, T: int) -> torch.Tensor:
     return reply_start[:, None] - 1 + torch.arange(T, device=reply_start.device)[None, :]
 
 
-def reply_logprobs(model, input_ids, attention_mask, reply_mask, reply_start, with_entropy: bool = False):
-    """(B, T) log-prob of each reply token under `model` (and its entropy when asked). The output head
-    runs on the reply positions only."""
+def reply_logprobs(model, input_ids, attention_mask, reply_mask, reply_start, with_entropy: bool = False,
+                   entropy_grad: bool = False):
+    """(B, T) log-prob of each reply token under `model` (and its entropy when asked: a figure to watch,
+    without a graph unless `entropy_grad`, for an entropy bonus). The output head runs on the reply
+    positions only."""
     B, T = reply_mask.shape
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     hidden = final_hidden(model, input_ids, position_ids)
@@ -96,8 +98,10 @@ def reply_logprobs(model, input_ids, attention_mask, reply_mask, reply_start, wi
     rows = torch.arange(B, device=input_ids.device)[:, None].expand(B, T)
     picked = hidden[rows, pos]  # (B, T, H)
     targets = input_ids[rows, pos + 1]
-    logits = output_head(model)(picked).float()
-    token_logp = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1) * reply_mask
+    logp = output_head(model)(picked).float().log_softmax(-1)
+    token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * reply_mask
     if not with_entropy:
         return token_logp
-    return token_logp, entropy_from_logits(logits) * reply_mask
+    with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+        entropy = entropy_from_logprobs(logp)
+    return token_logp, entropy * reply_mask

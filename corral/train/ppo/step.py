@@ -156,12 +156,14 @@ def ppo_update(actor, optimizer, exp: Experience, settings: PPOSettings, critic=
             idx = batch[rank::world]
             mask = exp.reply_mask[idx]
             logp, entropy = reply_logprobs(actor, exp.input_ids[idx], exp.attention_mask[idx], mask,
-                                           exp.reply_start[idx], with_entropy=True)  # fmt: skip
+                                           exp.reply_start[idx], with_entropy=True,
+                                           entropy_grad=bool(settings.entropy_coef))  # fmt: skip
+            with_critic = critic is not None and settings.advantage == "gae"
             values = None
-            if critic is not None and settings.advantage == "gae":
-                values = critic(exp.input_ids[idx], exp.attention_mask[idx], mask, exp.reply_start[idx])
             stats = {}
             if exp.old_logprobs is None:  # on-policy: this forward is the policy that sampled
+                if with_critic:  # the advantages need the values now: both graphs are held until the backwards
+                    values = critic(exp.input_ids[idx], exp.attention_mask[idx], mask, exp.reply_start[idx])
                 old_logp, old_values = logp.detach(), values.detach() if values is not None else None
                 advantages, returns, kl_tokens = compute_advantages(idx, old_logp, exp.ref_logprobs[idx],
                                                                     exp.scores[idx], mask, n, exp.k, settings,
@@ -191,7 +193,9 @@ def ppo_update(actor, optimizer, exp: Experience, settings: PPOSettings, critic=
                 backward(loss * world)
             stats["grad_norm"] = float(clip_norm(actor_params, settings.max_grad_norm)) / world  # same everywhere
             optimizer.step()
-            if values is not None:
+            if with_critic:
+                if values is None:
+                    values = critic(exp.input_ids[idx], exp.attention_mask[idx], mask, exp.reply_start[idx])
                 vloss, vstats = ppo_value_loss(values, old_values, returns, mask, settings.value_clip, tokens)
                 critic_optimizer.zero_grad(set_to_none=True)
                 backward(vloss * world)
