@@ -4,6 +4,7 @@ the actor and its EMA saved as loadable folders."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -55,18 +56,24 @@ def test_ppo_recipe_runs_and_saves(tmp_path, tiny_model_dir):
 
 
 def test_ppo_from_an_sft_adapter_starts_at_its_reference(tmp_path, tiny_lora_dir):
-    """The actor continues the SFT adapter and the reference is that adapter frozen: the first KL is zero,
-    and the saved actor is an adapter of the same base that moved away from the SFT one."""
+    """The actor continues the SFT adapter and the reference is that adapter frozen: the first KL is zero (with
+    the adapter's dropout too: on-policy, the update's forward is the sampler's, in eval mode), and the saved
+    actor is an adapter of the same base that moved away from the SFT one."""
     from safetensors.torch import load_file
 
+    sft_dir = tmp_path / "sft"
+    shutil.copytree(tiny_lora_dir, sft_dir)
+    config = json.loads((sft_dir / "adapter_config.json").read_text())
+    (sft_dir / "adapter_config.json").write_text(json.dumps(config | {"lora_dropout": 0.3}))
     out = tmp_path / "from_adapter"
-    cfg = PPOConfig(model=str(tiny_lora_dir), reward="tests.unit.test_ppo_recipe:vowel_share", output_dir=str(out),
+    cfg = PPOConfig(model=str(sft_dir), reward="tests.unit.test_ppo_recipe:vowel_share", output_dir=str(out),
                     advantage="rloo", samples_per_prompt=2, steps=2, prompts_per_step=2, max_new_tokens=6, lr=1e-2,
                     data={"path": "builtin:corral_identity"})  # fmt: skip
     run(cfg)
     rows = read_jsonl(out / "metrics.jsonl")
     assert abs(rows[0]["kl"]) < 1e-4 and rows[1]["kl"] != 0
     actor = load_model(str(out / "actor"))
+    assert actor.peft_config["default"].lora_dropout == 0.3
     assert actor.peft_config["default"].base_model_name_or_path == load_model(str(tiny_lora_dir)).peft_config[
         "default"].base_model_name_or_path
     sft, trained = load_file(tiny_lora_dir / "adapter_model.safetensors"), load_file(out / "actor" / "adapter_model.safetensors")

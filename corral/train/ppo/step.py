@@ -142,12 +142,18 @@ def ppo_update(actor, optimizer, exp: Experience, settings: PPOSettings, critic=
     actor_params = [p for p in actor.parameters() if p.requires_grad]
     critic_params = [p for p in critic.parameters() if p.requires_grad] if critic is not None else []
     n = exp.input_ids.shape[0]
-    if exp.old_logprobs is None and (settings.epochs != 1 or settings.minibatch < n):
+    if exp.old_logprobs is None and not on_policy(settings, n):
         raise ValueError("the experience left its old log-probs to the update, which takes more than one step")
     total = (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None
     totals: dict[str, float] = {}
     steps = 0
-    actor.train()
+    # On-policy, the update's forward stands for the sampling policy, which ran in eval mode: dropout stays
+    # off (as RLHF trainers commonly run it), so the old log-probs and the KL penalty are the sampler's own.
+    fused = exp.old_logprobs is None
+    was_training = actor.training, critic.training if critic is not None else False
+    actor.train(not fused)
+    if critic is not None:
+        critic.train(not fused)
     for _ in range(settings.epochs):
         order = torch.randperm(n, generator=generator)
         for lo in range(0, n, settings.minibatch):
@@ -161,7 +167,7 @@ def ppo_update(actor, optimizer, exp: Experience, settings: PPOSettings, critic=
             with_critic = critic is not None and settings.advantage == "gae"
             values = None
             stats = {}
-            if exp.old_logprobs is None:  # on-policy: this forward is the policy that sampled
+            if fused:  # on-policy: this forward is the policy that sampled
                 if with_critic:  # the advantages need the values now: both graphs are held until the backwards
                     values = critic(exp.input_ids[idx], exp.attention_mask[idx], mask, exp.reply_start[idx])
                 old_logp, old_values = logp.detach(), values.detach() if values is not None else None
@@ -205,6 +211,9 @@ def ppo_update(actor, optimizer, exp: Experience, settings: PPOSettings, critic=
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value
             steps += 1
+    actor.train(was_training[0])
+    if critic is not None:
+        critic.train(was_training[1])
     if world > 1:  # each process holds its share of every figure: add them up
         summed = accelerator.reduce(torch.tensor(list(totals.values()), dtype=torch.float64,
                                                  device=accelerator.device), reduction="sum")  # fmt: skip
