@@ -117,3 +117,15 @@ def run_row_child(script: Path, key: str, name: str, argv: list[str], workdir: P
     row["peak_rss_mb"] = usage.ru_maxrss / 1024  # KiB on Linux
     row["process_wall_s"] = wall
     return row
+
+
+def write_child_row(row: dict, path: str | Path) -> None:
+    """A row child's last act: add its own peak memory (RSS, and GPU on CUDA) and hand the row to the parent."""
+    import resource
+
+    row["self_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if on_cuda():
+        import torch
+
+        row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    Path(path).write_text(json.dumps(row))

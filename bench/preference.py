@@ -32,7 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # measure this checkout's corral, installed or not
 
-from bench.common import machine_info, results_path, run_row_child, timed_window, versions, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    machine_info, results_path, run_row_child, timed_window, versions, write_child_row, write_results)
 
 MODEL = "smollm2-135m"
 TEMPLATE = "chatml"
@@ -177,13 +178,10 @@ def run_trl(args, kind: str, workdir: Path) -> dict:
 
 
 def child_main(args) -> None:
-    import resource
-
     framework, kind = args.child.split("-")
     with tempfile.TemporaryDirectory(prefix=f"bench-pref-{args.child}-") as workdir:
         row = (run_corral if framework == "corral" else run_trl)(args, kind, Path(workdir))
-    row["self_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(args.child_result).write_text(json.dumps(row))
+    write_child_row(row, args.child_result)
 
 
 def main(argv=None) -> int:

@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # measure this checkout's corral, installed or not
 
 from bench.common import (  # noqa: E402
-    machine_info, on_cuda, results_path, run_row_child, safe_ratio, timed_window, versions, write_results)
+    machine_info, on_cuda, results_path, run_row_child, safe_ratio, timed_window, versions, write_child_row,
+    write_results)
 
 MODEL = "smollm2-135m"
 TEMPLATE = "chatml"
@@ -219,19 +220,12 @@ def run_trl_row(args: argparse.Namespace, workdir: Path) -> dict:
 
 
 def child_main(args: argparse.Namespace) -> None:
-    import resource
-
     with tempfile.TemporaryDirectory(prefix=f"bench-sft-{args.child}-") as workdir:
         if args.child == "trl":
             row = run_trl_row(args, Path(workdir))
         else:
             row = run_corral_row(args, pack=args.child == "corral-packed", workdir=Path(workdir))
-    row["self_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    if on_cuda():
-        import torch
-
-        row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    Path(args.child_result).write_text(json.dumps(row))
+    write_child_row(row, args.child_result)
 
 
 # ---------------------------------------------------------------------------------------------
