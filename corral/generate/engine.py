@@ -315,9 +315,9 @@ class TransformersEngine:
 
         On CPU, MKL's float32 matmul is slow for a few rows against a large output head (a decode step's
         shape): head @ hidden.T is 2-4x faster than hidden @ head.T at 2-16 rows on SmolLM2's 49k x 576
-        head (measured on 2 AVX2 cores: 8 rows 12 ms against 43 ms). So a model whose output head is a plain bias-free Linear
-        has its logits computed here, after checking once, on the first batch, that they equal the model's
-        own (a model that scales or caps its logits keeps its own head)."""
+        head (measured on 2 AVX2 cores: 8 rows 12 ms against 43 ms). So a model whose output head is a
+        plain bias-free Linear has its logits computed here, after checking once, on the first batch, that
+        they equal the model's own (a model that scales or caps its logits keeps its own head)."""
         if self._head is False:
             return out.logits[:, -1, :].float()
         hidden = out.hidden_states[-1][:, -1, :]
