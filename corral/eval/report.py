@@ -354,7 +354,7 @@ def plots(report: dict) -> dict[str, str]:
 
 
 def to_html(report: dict, markdown: str) -> str:
-    """One self-contained page: the tables (as preformatted Markdown rendered to HTML tables) and the plots."""
+    """One self-contained page: the report's Markdown rendered to HTML (its tables as tables) and the plots."""
     images = [("Scores by category" if name == "categories" else "Win-rate matrix", name, data)
               for name, data in plots(report).items()]  # fmt: skip
     return markdown_page("Corral judge report", markdown, trailing_images=images)
@@ -362,50 +362,41 @@ def to_html(report: dict, markdown: str) -> str:
 
 def markdown_page(title: str, markdown: str, images_dir: str | Path | None = None,
                   trailing_images: list[tuple[str, str, str]] = ()) -> str:
-    """A self-contained HTML page from our plain Markdown (headings, `- ` bullets, `|` tables, paragraphs).
-    An image line `![alt](file.png)` is embedded as base64 from `images_dir`, so the page opens anywhere;
-    `trailing_images` are (heading, alt, base64 PNG) appended at the end."""
-    body = []
-    table: list[str] = []
+    """A self-contained HTML page from a report's Markdown (CommonMark plus tables, by markdown-it-py).
 
-    def flush_table():
-        if not table:
-            return
-        rows = [r.strip("|").split("|") for r in table if not set(r.replace("|", "").strip()) <= set("-:")]
-        out = ["<table>"]
-        for k, cells in enumerate(rows):
-            tag = "th" if k == 0 else "td"
-            out.append("<tr>" + "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in cells) + "</tr>")
-        body.append("\n".join(out + ["</table>"]))
-        table.clear()
+    Raw HTML in the Markdown is escaped, not passed through: reports quote model replies. A local
+    image `![alt](file.png)` is embedded as a base64 data URI read from `images_dir`, so the page opens
+    anywhere; `trailing_images` are (heading, alt, base64 PNG) appended at the end."""
+    from markdown_it import MarkdownIt
 
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush_table()
-        if line.startswith("![") and line.endswith(")") and "](" in line and images_dir is not None:
-            alt, _, src = line[2:-1].partition("](")
-            data = base64.b64encode((Path(images_dir) / src).read_bytes()).decode()
-            body.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
-        elif line.startswith("### "):
-            body.append(f"<h3>{html.escape(line[4:])}</h3>")
-        elif line.startswith("## "):
-            body.append(f"<h2>{html.escape(line[3:])}</h2>")
-        elif line.startswith("# "):
-            body.append(f"<h1>{html.escape(line[2:])}</h1>")
-        elif line.startswith("- "):
-            body.append(f"<p>&bull; {html.escape(line[2:])}</p>")
-        elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
-    flush_table()
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    tokens = md.parse(markdown)
+    if images_dir is not None:
+        for token in tokens:
+            for child in token.children or []:
+                if child.type == "image":
+                    child.attrSet("src", _data_uri(Path(images_dir), str(child.attrGet("src"))))
+    body = [md.renderer.render(tokens, md.options, {})]
     for heading, name, data in trailing_images:
-        body.append(f'<h2>{html.escape(heading)}</h2><img alt="{name}" src="data:image/png;base64,{data}">')
+        image = f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+        body.append(f"<h2>{html.escape(heading)}</h2>{image}")
     style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
              "td:first-child,th:first-child{text-align:left}img{max-width:100%}")  # fmt: skip
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")  # fmt: skip
+
+
+def _data_uri(images_dir: Path, src: str) -> str:
+    """`src` (relative to `images_dir`, as markdown-it percent-encoded it) as a data URI; URLs are kept."""
+    from urllib.parse import unquote
+
+    if ":" in src.split("/", 1)[0]:  # http:, https:, data: ...: not a local file
+        return src
+    path = images_dir / unquote(src)
+    mime = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
+            ".svg": "image/svg+xml", ".webp": "image/webp"}.get(path.suffix.lower(), "application/octet-stream")  # fmt: skip
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
 
 
 def write_report(judgments_dir: str | Path, out_dir: str | Path, baseline: str | None = None, rounds: int = 1000,
