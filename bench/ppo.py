@@ -182,10 +182,12 @@ def run_corral_row(args: argparse.Namespace, advantage: str, workdir: Path) -> d
     cfg = PPOConfig(
         model=MODEL, template=TEMPLATE, method="lora", reward="bench.ppo:reward_fn", output_dir=str(workdir / "run"),
         dtype="bfloat16" if cuda else "float32", advantage=advantage, steps=args.steps,
-        prompts_per_step=args.prompts, samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens,
-        temperature=1.0, top_p=1.0, kl_coef=KL_COEF, clip=CLIP, ppo_epochs=1,
-        minibatch=batch,  # one optimizer step per rollout, as TRL's with generation batch = train batch
-        lr=LR, sample_every=10**9, seed=SEED, resume="never",
+        rollout={"prompts_per_step": args.prompts, "samples_per_prompt": args.samples, "temperature": 1.0,
+                 "max_new_tokens": args.max_new_tokens, "top_p": 1.0, "sample_every": 10**9},
+        kl={"coef": KL_COEF},
+        # one optimizer step per rollout, as TRL's with generation batch = train batch
+        update={"clip": CLIP, "epochs": 1, "minibatch": batch},
+        actor={"lr": LR}, train={"seed": SEED, "resume": "never"},
         data={"path": str(write_prompts(workdir / "prompts.jsonl", args.prompts))}, lora=LORA,
     )  # fmt: skip
     # A step ends when the recipe logs its metrics line: stamp the clock there (the recipe's gen_s and train_s

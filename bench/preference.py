@@ -88,12 +88,12 @@ def run_corral(args, kind: str, workdir: Path) -> dict:
     if kind == "reward":
         from corral.recipes import reward
 
-        _, result, _ = reward.run(RewardConfig(**common))
+        result = reward.run(RewardConfig(**common))
     else:
         from corral.recipes import dpo
 
-        _, result, _ = dpo.run(DPOConfig(**common, beta=args.beta))
-    return corral_windows(result.metrics_path, args.steps, args.warmup)
+        result = dpo.run(DPOConfig(**common, beta=args.beta))
+    return corral_windows(Path(result.summary["metrics"]), args.steps, args.warmup)
 
 
 def trl_datasets():

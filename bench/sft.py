@@ -95,10 +95,10 @@ def run_corral_row(args: argparse.Namespace, pack: bool, workdir: Path) -> dict:
         ),
     )  # fmt: skip
     result = sft.run(cfg)
-    records = [json.loads(line) for line in result.train.metrics_path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in Path(result.summary["metrics"]).read_text().splitlines() if line.strip()]
     steps = sorted((r for r in records if "tokens_per_s" in r), key=lambda r: r["step"])
     if [r["step"] for r in steps] != list(range(1, args.steps + 1)):
-        raise RuntimeError(f"{result.train.metrics_path}: expected one record per step 1..{args.steps}")
+        raise RuntimeError(f"{Path(result.summary['metrics'])}: expected one record per step 1..{args.steps}")
     # seen_tokens is cumulative, so a step's tokens are the difference; elapsed_s is taken at the
     # end of each step, after its loss.item() (which waits for the GPU).
     seen = [0] + [r["seen_tokens"] for r in steps]

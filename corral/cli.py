@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from corral.recipes.pipeline import PipelineConfig  # the pipeline's config lives with its wiring
 from corral.config import (
     ChatConfig,
     ConfigError,
@@ -25,7 +26,6 @@ from corral.config import (
     JudgeGradeConfig,
     JudgeReportConfig,
     MergeConfig,
-    PipelineConfig,
     PPOConfig,
     QuickstartConfig,
     RewardConfig,
@@ -128,15 +128,21 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def describe_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
+def describe_fields(model: type[BaseModel], prefix: str = "", defaults: BaseModel | None = None) -> list[str]:
+    """Every key with its default; a section's defaults are its parent's (reward's `train.lr` is 1e-4)."""
     lines = []
     for name, info in model.model_fields.items():
         key = f"{prefix}{name}"
         annotation = info.annotation
+        if defaults is not None:
+            default_value = getattr(defaults, name)
+        elif not info.is_required():
+            default_value = info.get_default(call_default_factory=True)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            lines += describe_fields(annotation, key + ".")
+            section = default_value if not info.is_required() and isinstance(default_value, BaseModel) else None
+            lines += describe_fields(annotation, key + ".", section)
             continue
-        default = "(required)" if info.is_required() else repr(info.get_default(call_default_factory=True))
+        default = "(required)" if info.is_required() and defaults is None else repr(default_value)
         lines.append(f"  {key} = {default}" + (f"\n      {info.description}" if info.description else ""))
     return lines
 

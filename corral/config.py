@@ -6,12 +6,12 @@ Defaults work on the embedded model (`smollm2-135m`).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
-                      field_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator)
 
 from corral.atomic import atomic_write_text
 
@@ -26,8 +26,38 @@ class ConfigError(ValueError):
 StrList = Annotated[list[str], BeforeValidator(lambda value: [value] if isinstance(value, str) else value)]
 
 
+# Types several configs share, each documented once here.
+DType = Annotated[Literal["auto", "float32", "bfloat16", "float16"], Field(
+    description="Weight dtype: `auto` is float32 on CPU, bf16 on GPUs that support it, else float16.")]
+TemplateName = Annotated[str, Field(
+    description="Chat template: a registered name (vicuna_v1.1, alpaca, chatml, llama2, llama3) or `auto`, the "
+    "tokenizer's own chat_template (a model Corral saved carries the template it was trained with).")]
+ModelName = Annotated[str, Field(
+    description="Hub id, local HF folder, peft adapter folder, .gguf file, or `smollm2-135m` (the embedded model).")]
+
+
+def _merge_onto(default: dict, given: dict) -> dict:
+    merged = dict(default)
+    for key, value in given.items():
+        merged[key] = _merge_onto(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_section_defaults(cls, data: Any) -> Any:
+        """A section whose default sets some values (reward's `train.lr=1e-4`) keeps them when the user gives
+        other keys of that section (`train.max_steps=3`): the given keys go on top of the default's."""
+        if not isinstance(data, dict):
+            return data
+        for name, field in cls.model_fields.items():
+            default, given = field.default, data.get(name)
+            if isinstance(default, BaseModel) and isinstance(given, dict):
+                data = {**data, name: _merge_onto(default.model_dump(exclude_unset=True), given)}
+        return data
 
 
 class SourceConfig(Section):
@@ -63,31 +93,60 @@ class DataConfig(MixtureFields):
     )
 
 
-class TrainConfig(Section):
-    max_steps: int = Field(0, ge=0, description="Optimizer steps to run; 0 means use `epochs`.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the data when `max_steps` is 0.")
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    batch_size: int = Field(4, ge=1, description="Sequences per micro-batch, per process.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer step.")
-    max_len: int = Field(512, ge=8, description="Maximum sequence length in tokens.")
+class OptimConfig(Section):
+    """How one set of weights is optimized: the one optimizer factory and schedule (`train/optim.py`) read it."""
+
     optimizer: Literal["adamw", "lion", "adamw_8bit"] = Field(
         "adamw", description="adamw (torch), lion (one state per weight), adamw_8bit (bitsandbytes)."
     )
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (after warmup).")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (Lion: 3-10x AdamW's).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Optimizer betas (Lion: typically (0.9, 0.99)).")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up linearly.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of the optimizer steps spent warming up linearly.")
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this; 0 disables clipping.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+
+
+class RunConfig(Section):
+    """What every training run shares: precision, checkpoints and resume, logging, seed."""
+
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="`auto`: bf16 on GPUs that support it, none on CPU."
     )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     save_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0: only at the end).")
     save_total_limit: int = Field(2, ge=1, description="Keep only the newest N step checkpoints.")
     resume: str = Field("auto", description="`auto` (newest complete checkpoint, if any), `never`, or a checkpoint path.")
-    eval_every: int = Field(0, ge=0, description="Evaluate on the held-out data every N steps (0: only at the end).")
     log_every: int = Field(1, ge=1, description="Write metrics every N steps.")
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that also get every metrics line (one name or a list; `none`: no tracker; "
+        "metrics.jsonl and the PNG plots are always written). tensorboard: event files in `output_dir/tensorboard`. "
+        "wandb: project WANDB_PROJECT or `corral`, files in `output_dir/wandb` unless WANDB_DIR is set; WANDB_MODE "
+        "decides when set, else online if an API key is configured (WANDB_API_KEY or `wandb login`) and offline "
+        "if not (instead of asking for a login; upload later with `wandb sync`). trackio: project `corral`, stored "
+        "locally (TRACKIO_DIR) or in the Space TRACKIO_SPACE_ID. Each needs its package: pip install 'corral[track]'.",
+    )
     seed: int = Field(42, description="Seed for data order, initialisation and dropout.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many_trackers(cls, value: Any) -> Any:
+        # `train.report_to=tensorboard` gives a string; `none` is the Hugging Face spelling of no tracker.
+        if isinstance(value, str):
+            value = [value]
+        return [] if value in (["none"], [None]) else value
+
+
+class TrainConfig(OptimConfig, RunConfig):
+    """The shared loop's settings (SFT, reward model, DPO): the optimizer and run fields, plus the data passes."""
+
+    max_steps: int = Field(0, ge=0, description="Optimizer steps to run; 0 means use `epochs`.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data when `max_steps` is 0.")
+    batch_size: int = Field(4, ge=1, description="Sequences per micro-batch, per process.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer step.")
+    max_len: int = Field(512, ge=8, description="Maximum sequence length in tokens.")
+    eval_every: int = Field(0, ge=0, description="Evaluate on the held-out data every N steps (0: only at the end).")
 
 
 class LoraConfig(Section):
@@ -109,12 +168,10 @@ class QuantConfig(Section):
 
 class SFTConfig(Section):
     model: str = Field(EMBEDDED_MODEL, description="Hub id, local HF folder, .gguf file, or `smollm2-135m`.")
-    template: str = Field("auto", description="Chat template: a registered name, or `auto` (the tokenizer's own).")
+    template: TemplateName = "auto"
     method: Literal["full", "lora", "qlora", "prefix"] = Field("lora", description="What is trained.")
     output_dir: str = Field("runs/sft", description="Where checkpoints, metrics and the final model go.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weight dtype: `auto` is float32 on CPU, bf16 on GPUs that support it."
-    )
+    dtype: DType = "auto"
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     lora: LoraConfig = LoraConfig()
@@ -138,12 +195,12 @@ class QuickstartConfig(SFTConfig):
 class MergeConfig(Section):
     adapter: str = Field(..., description="A peft adapter folder (e.g. an SFT run's `model/`).")
     output_dir: str = Field(..., description="Where the merged HF model folder is written.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="dtype of the merged weights.")
+    dtype: DType = "auto"
 
 
 class InspectConfig(Section):
     model: str = Field(EMBEDDED_MODEL, description="Model whose tokenizer renders the samples.")
-    template: str = Field("auto", description="Chat template name or `auto`.")
+    template: TemplateName = "auto"
     data: DataConfig = DataConfig()
     max_len: int = Field(512, ge=8, description="Split conversations longer than this, as training does.")
     num_samples: int = Field(3, ge=0, description="How many rendered samples to print.")
@@ -160,10 +217,10 @@ class PreferenceDataConfig(MixtureFields):
 
 class RewardConfig(Section):
     model: str = Field(EMBEDDED_MODEL, description="Base model (usually the SFT model) the reward model starts from.")
-    template: str = Field("auto", description="Chat template the prompt and reply are rendered with.")
+    template: TemplateName = "auto"
     method: Literal["full", "lora"] = Field("lora", description="Train the whole model, or LoRA plus the score head.")
     output_dir: str = Field("runs/reward", description="Where checkpoints, metrics and the reward model go.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype.")
+    dtype: DType = "auto"
     margin: float = Field(0.0, ge=0, description="Loss margin: -log sigmoid(r_chosen - r_rejected - margin).")
     data: PreferenceDataConfig = PreferenceDataConfig()
     train: TrainConfig = TrainConfig(lr=1e-4, epochs=1.0)
@@ -172,11 +229,11 @@ class RewardConfig(Section):
 
 class DPOConfig(Section):
     model: str = Field(EMBEDDED_MODEL, description="The policy to start from (usually the SFT model); also the reference.")
-    template: str = Field("auto", description="Chat template the prompt and replies are rendered with.")
+    template: TemplateName = "auto"
     method: Literal["full", "lora"] = Field("lora", description="LoRA: the reference is the base with the adapter "
                                             "disabled (no second copy). Full: a frozen copy, or precompute_ref.")
     output_dir: str = Field("runs/dpo", description="Where checkpoints, metrics and the model go.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype.")
+    dtype: DType = "auto"
     loss: Literal["dpo", "ipo", "simpo"] = Field("dpo", description="dpo (sigmoid), ipo (squared), simpo (no reference).")
     beta: float = Field(0.1, gt=0, description="Strength of the pull to the reference (SimPO: reward scale, ~2).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed label noise (conservative DPO).")
@@ -191,10 +248,10 @@ class DPOConfig(Section):
 class RewardScoreConfig(Section):
     model: str = Field(..., description="A reward model (corral reward output).")
     data: str = Field(..., description="Conversations (ShareGPT / OpenAI / Alpaca) or preference pairs to score.")
-    template: str = Field("auto", description="Chat template (auto: the one saved with the reward model).")
+    template: TemplateName = "auto"
     output: str = Field("", description="Write scores as JSONL here (default: print them).")
     batch_size: int = Field(8, ge=1)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto")
+    dtype: DType = "auto"
 
 
 class ServeConfig(Section):
@@ -203,7 +260,7 @@ class ServeConfig(Section):
         description="Models to serve, each NAME=PATH or PATH (repeat --model). Empty: the embedded model. "
         "LoRA adapters of one base share a single copy of it.",
     )
-    template: str = Field("auto", description="Chat template: `auto` is the one saved with each model (as trained).")
+    template: TemplateName = "auto"
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 to accept other machines).")
     port: int = Field(8000, ge=0, le=65535)
     api_key: str | None = Field(None, description="Require `Authorization: Bearer KEY` (or set CORRAL_API_KEY).")
@@ -211,7 +268,7 @@ class ServeConfig(Section):
     engine: Literal["transformers", "vllm"] = Field("transformers", description="`vllm` needs a CUDA GPU.")
     max_batch: int = Field(32, ge=1, description="Most sequences decoded together (continuous batching).")
     max_tokens: int = Field(512, ge=1, description="Reply length when a request gives no max_tokens.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype.")
+    dtype: DType = "auto"
 
 
 class ChatConfig(Section):
@@ -219,7 +276,7 @@ class ChatConfig(Section):
                        "served model's name with --api.")
     api: str | None = Field(None, description="Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the --api key.")
-    template: str = Field("auto", description="Chat template for a local model.")
+    template: TemplateName = "auto"
     system: str | None = Field(None, description="System prompt (change it in the chat with /system TEXT).")
     temperature: float = Field(0.7, ge=0, le=2)
     top_p: float = Field(0.9, gt=0, le=1)
@@ -229,7 +286,7 @@ class ChatConfig(Section):
     )
     max_tokens: int = Field(256, ge=1)
     seed: int | None = Field(None)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype (local).")
+    dtype: DType = "auto"
 
 
 class PromptDataConfig(MixtureFields):
@@ -242,58 +299,77 @@ class PromptDataConfig(MixtureFields):
     max_prompt_len: int = Field(256, ge=8, description="Prompts longer than this (in tokens) are dropped and counted.")
 
 
+class ActorConfig(OptimConfig):
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="Keep an EMA of the actor's trainable weights "
+                                    "(e.g. 0.992), saved as actor_ema/.")
+
+
+class RolloutConfig(Section):
+    prompts_per_step: int = Field(8, ge=1, description="Prompts per rollout.")
+    samples_per_prompt: int = Field(1, ge=1, description="Replies per prompt (at least 2 for rloo / grpo).")
+    max_new_tokens: int = Field(64, ge=1, description="Reply length limit.")
+    temperature: float = Field(1.0, gt=0, le=2, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="Corral's transformers engine on the live actor weights, or vLLM (CUDA only) "
+        "with the actor's adapter synced to it before each rollout.")
+    vllm_gpu_memory: float = Field(0.3, gt=0, lt=1, description="Share of GPU memory vLLM may take.")
+    sample_every: int = Field(5, ge=1, description="Write prompts, replies and scores to samples.jsonl every N steps.")
+
+
+class UpdateConfig(Section):
+    epochs: int = Field(1, ge=1, description="PPO epochs over each rollout batch.")
+    minibatch: int = Field(8, ge=1, description="Samples per optimizer step. One epoch of one mini-batch (minibatch "
+                           ">= prompts x samples) is on-policy: the update's forward gives the old log-probs.")
+    clip: float = Field(0.2, gt=0, description="Policy ratio clip.")
+    value_clip: float = Field(0.2, gt=0, description="Value clip (gae).")
+    gamma: float = Field(1.0, gt=0, le=1, description="GAE discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    whiten: bool = Field(True, description="Whiten advantages over each batch.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus.")
+    reward_clip: float = Field(10.0, gt=0, description="Scores are clipped to [-clip, clip].")
+    no_eos_penalty: float = Field(0.0, ge=0, description="Subtracted from the score of a reply that hit "
+                                  "max_new_tokens without ending its turn.")
+
+
+class KLConfig(Section):
+    coef: float = Field(0.05, ge=0, description="Per-token KL penalty against the reference (initial value).")
+    target: float | None = Field(None, gt=0, description="Adaptive KL control (Ziegler et al.): target KL per reply.")
+    horizon: int = Field(10000, ge=1, description="Adaptive KL horizon in samples.")
+
+
+class PtxConfig(Section):
+    path: str = Field("", description="Pretraining mix (InstructGPT): conversations (any format the data readers "
+                      "take, or `builtin:NAME`) for a language-modelling loss added to each actor step.")
+    format: Literal["auto", "sharegpt", "openai", "alpaca"] = Field("auto", description="Record format.")
+    skip_invalid: bool = Field(False, description="Drop invalid records (counted and reported) instead of failing.")
+    coef: float = Field(0.0, ge=0, description="Weight of the ptx loss (0: off).")
+    batch: int = Field(2, ge=1, description="ptx conversations per actor step.")
+    max_len: int = Field(512, ge=8, description="Longer conversations are split, as SFT splits them.")
+
+
 class PPOConfig(Section):
     model: str = Field(EMBEDDED_MODEL, description="The actor's start: an SFT model (folder, or SFT LoRA adapter).")
-    template: str = Field("auto", description="Chat template the prompts are rendered with.")
+    template: TemplateName = "auto"
     method: Literal["full", "lora"] = Field("lora", description="LoRA: the reference is the base with the adapter "
                                             "disabled (no second copy). Full: a frozen copy.")
     reward: str = Field(..., description="A reward model from `corral reward`, or `module:function` taking "
                         "(prompt, reply) and returning a float.")
     output_dir: str = Field("runs/ppo", description="Where metrics, samples and the final actor go.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype.")
+    dtype: DType = "auto"
     advantage: Literal["gae", "rloo", "grpo"] = Field("gae", description="gae: PPO with a critic; rloo / grpo: "
-                                                      "critic-free baselines over samples_per_prompt replies.")
+                                                      "critic-free baselines over rollout.samples_per_prompt replies.")
     steps: int = Field(20, ge=1, description="Rollout + update steps.")
-    prompts_per_step: int = Field(8, ge=1, description="Prompts per rollout.")
-    samples_per_prompt: int = Field(1, ge=1, description="Replies per prompt (at least 2 for rloo / grpo).")
-    max_new_tokens: int = Field(64, ge=1, description="Reply length limit in the rollout.")
-    temperature: float = Field(1.0, gt=0, le=2, description="Rollout sampling temperature.")
-    top_p: float = Field(1.0, gt=0, le=1)
-    kl_coef: float = Field(0.05, ge=0, description="Per-token KL penalty against the reference (initial value).")
-    kl_target: float | None = Field(None, gt=0, description="Adaptive KL control (Ziegler et al.): target KL per reply.")
-    kl_horizon: int = Field(10000, ge=1, description="Adaptive KL horizon in samples.")
-    reward_clip: float = Field(10.0, gt=0, description="Scores are clipped to [-clip, clip].")
-    no_eos_penalty: float = Field(0.0, ge=0, description="Subtracted from the score of a reply that hit "
-                                  "max_new_tokens without ending its turn.")
-    ppo_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
-    minibatch: int = Field(8, ge=1, description="Samples per optimizer step.")
-    clip: float = Field(0.2, gt=0, description="Policy ratio clip.")
-    value_clip: float = Field(0.2, gt=0, description="Value clip.")
-    gamma: float = Field(1.0, gt=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    whiten: bool = Field(True, description="Whiten advantages over each batch.")
-    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus.")
-    lr: float = Field(1e-5, gt=0, description="Actor learning rate.")
-    critic_lr: float = Field(5e-5, gt=0, description="Critic learning rate.")
-    max_grad_norm: float = Field(1.0, gt=0)
-    ptx_path: str = Field("", description="Pretraining mix (InstructGPT): SFT conversations for a language-modelling "
-                          "loss added to each actor step.")
-    ptx_coef: float = Field(0.0, ge=0, description="Weight of the ptx loss.")
-    ptx_batch: int = Field(2, ge=1, description="ptx conversations per actor step.")
-    ema_decay: float | None = Field(None, gt=0, lt=1, description="Keep an EMA of the actor weights (e.g. 0.992), "
-                                    "saved as actor_ema/.")
-    sample_every: int = Field(5, ge=1, description="Write prompts and replies to samples.jsonl every N steps.")
-    seed: int = Field(42)
-    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (actor, critic, EMA, optimizers, KL "
-                            "controller, RNG; the prompt position follows from the step). 0: only at the end.")
-    save_total_limit: int = Field(2, ge=1, description="Keep only the newest N step checkpoints.")
-    resume: str = Field("auto", description="`auto` (newest complete checkpoint, if any), `never`, or a checkpoint path.")
-    rollout_backend: Literal["transformers", "vllm"] = Field(
-        "transformers", description="Rollout engine: Corral's transformers engine on the live actor weights, or vLLM "
-        "(CUDA only) with the actor's weights synced to it after each update.")
-    vllm_gpu_memory: float = Field(0.3, gt=0, lt=1, description="Share of GPU memory vLLM may take for rollouts.")
     data: PromptDataConfig = PromptDataConfig()
     lora: LoraConfig = LoraConfig()
+    actor: ActorConfig = ActorConfig(lr=1e-5, schedule="constant", warmup_ratio=0.0)
+    critic: OptimConfig = Field(OptimConfig(lr=5e-5, schedule="constant", warmup_ratio=0.0),
+                                description="The critic's optimizer (advantage=gae).")
+    rollout: RolloutConfig = RolloutConfig()
+    update: UpdateConfig = UpdateConfig()
+    kl: KLConfig = KLConfig()
+    ptx: PtxConfig = PtxConfig()
+    train: RunConfig = RunConfig()
 
 
 class JudgeAnswerConfig(Section):
@@ -305,7 +381,7 @@ class JudgeAnswerConfig(Section):
     api: str | None = Field(None, description="Answer with an OpenAI-compatible endpoint instead, e.g. http://host/v1.")
     api_model: str = Field("", description="The endpoint's model name (also the answers' model name).")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the endpoint's key.")
-    template: str = Field("auto", description="Chat template for local models.")
+    template: TemplateName = "auto"
     system: str | None = Field(None, description="System prompt for every question.")
     temperature: float | None = Field(None, ge=0, le=2, description="Unset: per category, as MT-bench (0 for math, "
                                       "coding, reasoning, extraction; 0.1 knowledge; 0.7 writing, roleplay, ...).")
@@ -319,7 +395,7 @@ class JudgeAnswerConfig(Section):
     limit: int = Field(0, ge=0, description="Only the first N questions (0: all).")
     retries: int = Field(5, ge=0, description="API retries with backoff on 429 / 5xx / connection errors.")
     timeout: float = Field(600.0, gt=0, description="API request timeout in seconds.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype (local).")
+    dtype: DType = "auto"
     max_batch: int = Field(32, ge=1, description="Most sequences decoded together (local).")
 
 
@@ -353,101 +429,6 @@ class JudgeReportConfig(Section):
     seed: int = Field(0)
 
 
-class PipelineDataConfig(Section):
-    split: str = Field("", description="DeepSpeed-Chat stage split set on every stage's data section, e.g. `2,4,4`: "
-                       "SFT takes part 0, the reward model part 1, PPO's prompts part 2; DPO, a preference stage, takes "
-                       "part 1 (so `2,8` suits rl=dpo). Each stage reads its own data.path (conversations for SFT and "
-                       "PPO, pairs for the reward model and DPO): for disjoint parts those files must hold the same "
-                       "records in the same order, as builtin:corral_identity and builtin:corral_preferences do. "
-                       "Empty: each stage keeps its own data.split settings.")
-    split_seed: int = Field(1234, description="Seed of the stage split, set on every stage.")
-
-
-PIPELINE_STAGES = {"ppo": ("sft", "reward", "ppo"), "dpo": ("sft", "dpo")}
-PIPELINE_SPLIT_STAGE = {"sft": 0, "reward": 1, "ppo": 2, "dpo": 1}
-
-
-def _given(value) -> dict:
-    """A section as given: a dict (YAML), or a model built in Python (only the keys it was given)."""
-    return value.model_dump(exclude_unset=True) if isinstance(value, BaseModel) else dict(value or {})
-
-
-class PipelineConfig(Section):
-    """`corral pipeline`: SFT -> reward model -> PPO, or SFT -> DPO, each stage in OUTPUT_DIR/<stage>/.
-
-    The fields that connect the stages are wired by the pipeline: every stage's `output_dir` and `template`,
-    `sft.model`, `ppo.model`, `ppo.reward`, `dpo.model`, and with `data.split` each stage's split fields. A
-    section that sets one of them to another value is an error (the same value is accepted, so a saved
-    config.yaml loads again). `reward.model` defaults to `model`; a value given there wins."""
-
-    output_dir: str = Field("runs/pipeline", description="Each stage runs in OUTPUT_DIR/<stage>/ (sft, reward, ppo or "
-                            "dpo); config.yaml, report.md, report.html and figures/ go here.")
-    model: str = Field(EMBEDDED_MODEL, description="The base model. SFT starts from it, and so does the reward model "
-                       "(as in DeepSpeed-Chat, not from the SFT model) unless reward.model names another model with the "
-                       "same tokenizer.")
-    template: str = Field("auto", description="Chat template of every stage: PPO must render prompts the way the "
-                          "reward model was trained to read them.")
-    rl: Literal["ppo", "dpo"] = Field("ppo", description="ppo: SFT -> reward model -> PPO (the actor starts from the "
-                                      "SFT model, reward and critic from the reward model); dpo: SFT -> DPO from the "
-                                      "SFT model (no reward model).")
-    data: PipelineDataConfig = PipelineDataConfig()
-    sft: SFTConfig = Field(default_factory=dict, validate_default=True, description="Stage 1.")  # type: ignore[arg-type]
-    reward: RewardConfig = Field(default_factory=dict, validate_default=True, description="Stage 2 (rl=ppo).")  # type: ignore[arg-type]
-    ppo: PPOConfig = Field(default_factory=dict, validate_default=True, description="Stage 3 (rl=ppo).")  # type: ignore[arg-type]
-    dpo: DPOConfig = Field(default_factory=dict, validate_default=True, description="Stage 2 (rl=dpo).")  # type: ignore[arg-type]
-    report_samples: int = Field(4, ge=0, description="PPO replies shown in the report from its first and last sampled step.")
-
-    @field_validator("data")
-    @classmethod
-    def _split_has_the_stages(cls, data: PipelineDataConfig, info: ValidationInfo) -> PipelineDataConfig:
-        from corral.data.mix import parse_split
-
-        rl = info.data.get("rl")
-        needed = 1 + max(PIPELINE_SPLIT_STAGE[s] for s in PIPELINE_STAGES[rl]) if rl else 0
-        if data.split and len(parse_split(data.split)) < needed:
-            raise ValueError(f"split '{data.split}' has {len(parse_split(data.split))} parts; rl={rl} uses {needed}")
-        return data
-
-    @field_validator("sft", "reward", "ppo", "dpo", mode="before")
-    @classmethod
-    def _wire_stage(cls, value, info: ValidationInfo) -> dict:
-        stage, top = info.field_name, info.data
-        section = _given(value)
-        if not {"output_dir", "model", "template"} <= top.keys():
-            return section  # an earlier field is invalid and already reported
-        out = Path(top["output_dir"])
-        wired = {"output_dir": (str(out / stage), "OUTPUT_DIR/" + stage),
-                 "template": (top["template"], "the pipeline's template")}  # fmt: skip
-        if stage == "sft":
-            wired["model"] = (top["model"], "the pipeline's model")
-            if section.get("method") == "prefix":
-                raise ValueError("sft.method=prefix: a prefix-tuning adapter cannot be merged, and PPO and DPO "
-                                 "start from the merged SFT model")
-        elif stage == "reward":
-            section.setdefault("model", top["model"])
-        elif stage == "ppo":
-            wired["model"] = (str(out / "sft" / "model"), "the SFT stage's model")
-            wired["reward"] = (str(out / "reward" / "model"), "the reward stage's model")
-        elif stage == "dpo" and "sft" in top:
-            merged = "model" if top["sft"].method == "full" else "merged"  # DPO trains on top of the SFT weights
-            wired["model"] = (str(out / "sft" / merged), "the SFT stage's model, merged")
-        data = _given(section.get("data"))
-        if "data" in top and top["data"].split:
-            for key, wanted in (("split", top["data"].split), ("split_seed", top["data"].split_seed),
-                                ("split_stage", PIPELINE_SPLIT_STAGE[stage])):  # fmt: skip
-                if key in data and data[key] != wanted:
-                    raise ValueError(f"{stage}.data.{key}={data[key]!r}, but the pipeline's data.split sets it to "
-                                     f"{wanted!r}; leave it out")
-                data[key] = wanted
-            section["data"] = data
-        for key, (wanted, what) in wired.items():
-            if key in section and section[key] != wanted and Path(str(section[key])) != Path(str(wanted)):
-                raise ValueError(f"{stage}.{key}={section[key]!r}, but the pipeline sets it to {what} "
-                                 f"({wanted!r}); leave it out")
-            section[key] = wanted
-        return section
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading: YAML file + dotted overrides -> validated model
 
@@ -464,10 +445,27 @@ def set_dotted(tree: dict, dotted_key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 also reads yes/no/on/off as booleans, which turns the
+    documented `mixed_precision: no` into False; here they stay strings (bool fields still accept them)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+
+
 def parse_value(text: str) -> Any:
-    """`3` -> 3, `true` -> True, `[a, b]` -> list, `1e-4` -> 1e-4; anything else stays a string."""
+    """`3` -> 3, `true` -> True, `[a, b]` -> list, `1e-4` -> 1e-4, `no` -> "no"; anything else stays a string."""
     try:
-        value = yaml.safe_load(text)
+        value = yaml_load(text)
     except yaml.YAMLError:
         return text
     if isinstance(value, str):
@@ -497,7 +495,7 @@ def _read_yaml(path: str | Path) -> dict:
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     try:
-        tree = yaml.safe_load(text) or {}
+        tree = yaml_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(tree, dict):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Protocol
 
 from corral.chat.conversation import Conversation, Message
 
@@ -126,16 +125,6 @@ def check_conversation(conv: Conversation, for_training: bool) -> None:
         raise TemplateError(f"{where}a training conversation must end with an assistant reply")
     if not for_training and last != "user":
         raise TemplateError(f"{where}a prompt must end with a user message")
-
-
-class ChatFormat(Protocol):
-    name: str
-    tokenizer: object
-    stop_token_ids: list[int]
-    stop_strings: list[str]
-    chat_template_jinja: str
-
-    def segments(self, conv: Conversation, add_generation_prompt: bool) -> list[Segment]: ...
 
 
 class _Renderer:

@@ -169,23 +169,23 @@ def _expected_role(messages: list[Message]) -> str:
     return "user" if len(turns) % 2 == 0 else "assistant"
 
 
-def parse_record(record: Any, fmt: str = "auto", need_reply: bool = True) -> Conversation:
+def parse_record(record: Any, data_format: str = "auto", need_reply: bool = True) -> Conversation:
     """One record as a Conversation. `need_reply=False` (RL prompts) also takes a conversation ending with
     a user turn, and an Alpaca record without `output`."""
-    fmt = detect_format(record) if fmt == "auto" else fmt
+    data_format = detect_format(record) if data_format == "auto" else data_format
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}")
-    if fmt == "sharegpt":
+    if data_format == "sharegpt":
         if "conversations" not in record:
             raise DataError("field 'conversations': missing")
         messages = parse_turns(record["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
         if isinstance(record.get("system"), str) and record["system"].strip() and messages[0].role != "system":
             messages.insert(0, Message("system", record["system"]))
-    elif fmt == "openai":
+    elif data_format == "openai":
         if "messages" not in record:
             raise DataError("field 'messages': missing")
         messages = parse_turns(record["messages"], "messages", "role", "content", OPENAI_ROLES)
-    elif fmt == "alpaca":
+    elif data_format == "alpaca":
         for key in ("instruction", "output") if need_reply else ("instruction",):
             if key not in record:
                 raise DataError(f"field '{key}': missing")
@@ -198,7 +198,7 @@ def parse_record(record: Any, fmt: str = "auto", need_reply: bool = True) -> Con
         if isinstance(record.get("system"), str) and record["system"].strip():
             messages.insert(0, Message("system", record["system"]))
     else:
-        raise DataError(f"unknown format '{fmt}' (expected one of {', '.join(FORMATS)})")
+        raise DataError(f"unknown format '{data_format}' (expected one of {', '.join(FORMATS)})")
     turns = [m for m in messages if m.role != "system"]
     if not turns:
         raise DataError("no user or assistant messages")
@@ -208,14 +208,14 @@ def parse_record(record: Any, fmt: str = "auto", need_reply: bool = True) -> Con
 
 
 def read_conversations(
-    path: str | Path, fmt: str = "auto", skip_invalid: bool = False, need_reply: bool = True
+    path: str | Path, data_format: str = "auto", skip_invalid: bool = False, need_reply: bool = True
 ) -> tuple[list[Conversation], ReadReport]:
     report = ReadReport(str(path))
     conversations: list[Conversation] = []
     for location, record in iter_records(path):
         report.total += 1
         try:
-            conv = parse_record(record, fmt, need_reply)
+            conv = parse_record(record, data_format, need_reply)
         except DataError as e:
             if not skip_invalid:
                 raise DataError(f"{location}: {e}") from None

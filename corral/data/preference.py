@@ -1,6 +1,6 @@
 """Readers for preference data: a prompt conversation and two replies, one preferred.
 
-Formats, detected per record (or forced with `fmt`):
+Formats, detected per record (or forced with `data_format`):
   pairs      `prompt` (text, or a list of OpenAI messages), `chosen`, `rejected` (texts). The arena
              vote file that `corral serve` writes is this format; its ties (`chosen` null, `vote`
              tie/both_bad) carry no preference and are counted and skipped.
@@ -118,15 +118,15 @@ def _parse_hh(record: dict) -> tuple[Conversation, str, str]:
 PARSERS = {"pairs": _parse_pairs, "messages": _parse_message_lists, "hh": _parse_hh}
 
 
-def parse_preference(record: Any, fmt: str = "auto") -> PreferencePair:
-    if fmt not in PREFERENCE_FORMATS:
-        raise DataError(f"unknown preference format '{fmt}' (expected one of {', '.join(PREFERENCE_FORMATS)})")
+def parse_preference(record: Any, data_format: str = "auto") -> PreferencePair:
+    if data_format not in PREFERENCE_FORMATS:
+        raise DataError(f"unknown preference format '{data_format}' (expected one of {', '.join(PREFERENCE_FORMATS)})")
     detected = detect_preference_format(record)
-    prompt, chosen, rejected = PARSERS[detected if fmt == "auto" else fmt](record)
+    prompt, chosen, rejected = PARSERS[detected if data_format == "auto" else data_format](record)
     return PreferencePair(prompt, chosen, rejected)
 
 
-def read_preferences(path: str | Path, fmt: str = "auto", skip_invalid: bool = False) -> tuple[list[PreferencePair], ReadReport]:
+def read_preferences(path: str | Path, data_format: str = "auto", skip_invalid: bool = False) -> tuple[list[PreferencePair], ReadReport]:
     """All preference pairs in a file; invalid records raise (or are counted, with `skip_invalid`)."""
     report = ReadReport(str(path))
     pairs: list[PreferencePair] = []
@@ -138,7 +138,7 @@ def read_preferences(path: str | Path, fmt: str = "auto", skip_invalid: bool = F
     for location, record in iter_records(path):
         report.total += 1
         try:
-            pair = parse_preference(record, fmt)
+            pair = parse_preference(record, data_format)
         except NoPreference as e:
             skip("no preference (tie or both bad)", f"{location}: {e}")
             continue

@@ -15,12 +15,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from corral.atomic import append_line, read_jsonl
 from corral.chat.conversation import Conversation, Message
 from corral.data.formats import DataError
 from corral.eval.question_set import Question
 from corral.generate.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from corral.serve.backends import ChatBackend
 
 # MT-bench's practice: deterministic where there is one right answer, some freedom where style matters.
 CATEGORY_TEMPERATURE = {
@@ -65,7 +69,8 @@ def question_params(question: Question, params: SamplingParams, temperature: flo
     return replace(params, temperature=temperature)
 
 
-def answer_question(backend, question: Question, params: SamplingParams, system: str | None = None) -> dict:
+def answer_question(backend: ChatBackend, question: Question, params: SamplingParams,
+                    system: str | None = None) -> dict:
     """All turns of one question, in order; returns the answer fields of its record."""
     messages = [Message("system", system)] if system else []
     turns, finish = [], []
@@ -78,9 +83,9 @@ def answer_question(backend, question: Question, params: SamplingParams, system:
     return {"turns": turns, "finish_reasons": finish}
 
 
-def generate_answers(backends: dict, questions: list[Question], answers_dir: str | Path, params: SamplingParams,
-                     temperature: float | None = None, system: str | None = None, concurrency: int = 16,
-                     progress: bool = True) -> dict[str, dict]:
+def generate_answers(backends: dict[str, ChatBackend], questions: list[Question], answers_dir: str | Path,
+                     params: SamplingParams, temperature: float | None = None, system: str | None = None,
+                     concurrency: int = 16, progress: bool = True) -> dict[str, dict]:
     """Every model in `backends` (name -> chat backend) answers every question it has not answered yet.
     Returns per model {"new": n, "done_before": n, "errors": [...]}."""
     from tqdm import tqdm

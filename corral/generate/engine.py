@@ -1,7 +1,9 @@
-"""The one generation engine: continuous batching over a transformers model with a KV cache.
+"""The batching generation engine: continuous batching over a transformers model with a KV cache.
 
-Everything in Corral that generates text goes through here: the server, the terminal chat, the
-quickstart, and later PPO rollouts, the judge and distillation.
+Everything in Corral that generates text locally goes through here: the server, the terminal chat,
+the quickstart, answer generation for the judge, and PPO rollouts on the live actor
+(`train/ppo/rollout.py`). It implements the `Engine` protocol of `generate/types.py`; vLLM is the
+other implementation (`generate/vllm.py`).
 
 How it works. Running sequences share one batch and one `DynamicCache`, left-padded: row r's real
 tokens sit at the right end of its cache row and a 2-D attention mask hides the padding; position
@@ -16,135 +18,30 @@ position. Each `step()`:
      trims cache columns that have become padding for every remaining row.
 So a new request joins at the next step and a short request never waits for a long one.
 
-Requests come in as token ids; callers render conversations with the chat template first (the same
-template code SFT trained with). A request's `Stream` yields `TokenEvent`s, from any thread or from
-asyncio. `start()` runs the loop in a background thread (the server); without it, `generate()` runs
-the loop in the calling thread (batch jobs, PPO rollouts on live weights).
+Requests come in as token ids; callers render conversations with the chat template first
+(`generate/chat.py`, the same template code SFT trained with). A request's `Stream` yields
+`TokenEvent`s, from any thread or from asyncio. `start()` runs the loop in a background thread (the
+server); without it, `generate()` runs the loop in the calling thread (batch jobs, PPO rollouts on
+live weights).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import random
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from corral.chat.conversation import Conversation
-from corral.generate.sampling import (
-    RowParams,
-    SamplingParams,
-    apply_penalties,
-    sample_next,
-)
+from corral.generate.head import LastLogits
+from corral.generate.sampling import RowParams, SamplingParams, apply_penalties, per_prompt, sample_next
+from corral.generate.types import BASE_ADAPTER, Completion, Stream, TokenEvent, check_adapter, pad_id_of
 
 log = logging.getLogger(__name__)
-
-_NO_POSITIONS = torch.empty(0, dtype=torch.long)  # logits_to_keep: the model builds no logits (we do)
-BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    index: int  # which of the request's n replies
-    text: str  # text added since this reply's previous event (may be empty)
-    token_id: int | None = None  # the sampled token (None on a final flush)
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"; set on the last event
-    error: str | None = None
-
-
-@dataclass
-class Completion:
-    text: str
-    token_ids: list[int]  # reply tokens, the stop token included when one ended it
-    finish_reason: str
-
-
-class Stream:
-    """The events of one submitted request. Iterate it (blocking) or `async for` it (when submitted with a loop)."""
-
-    def __init__(self, n: int, prompt_tokens: int, loop: asyncio.AbstractEventLoop | None = None):
-        self.n = n
-        self.prompt_tokens = prompt_tokens
-        self.cancelled = False
-        self._open = n
-        self._loop = loop
-        self._queue: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
-
-    def cancel(self) -> None:
-        """Stop generating (the client left, or pressed stop); the engine retires the rows at its next step."""
-        self.cancelled = True
-
-    def _push(self, event: TokenEvent | None) -> None:
-        if self._loop is None:
-            self._queue.put(event)
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        except RuntimeError:  # the event loop is gone: nobody is listening any more
-            self.cancelled = True
-
-    def _finish_one(self) -> None:
-        self._open -= 1
-        if self._open == 0:
-            self._push(None)
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        while (event := self._queue.get()) is not None:
-            yield event
-
-    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
-        while (event := await self._queue.get()) is not None:
-            yield event
-
-    def collect(self) -> list[Completion]:
-        """Block until done; the n completions in order."""
-        gathered = _Gathered(self.n)
-        for event in self:
-            gathered.add(event)
-        return gathered.completions()
-
-    async def acollect(self) -> list[Completion]:
-        """`collect` for asyncio (a stream submitted with a loop)."""
-        gathered = _Gathered(self.n)
-        async for event in self:
-            gathered.add(event)
-        return gathered.completions()
-
-
-class _Gathered:
-    def __init__(self, n: int):
-        self.texts, self.tokens, self.reasons = [""] * n, [[] for _ in range(n)], [""] * n
-
-    def add(self, event: TokenEvent) -> None:
-        if event.error:
-            raise RuntimeError(f"generation failed: {event.error}")
-        self.texts[event.index] += event.text
-        if event.token_id is not None:
-            self.tokens[event.index].append(event.token_id)
-        self.reasons[event.index] = event.finish_reason or self.reasons[event.index]
-
-    def completions(self) -> list[Completion]:
-        return [Completion(t, ids, r) for t, ids, r in zip(self.texts, self.tokens, self.reasons)]
-
-
-class Engine(Protocol):
-    """What every backend offers (transformers here, vLLM in `generate/vllm.py`)."""
-
-    tokenizer: object
-
-    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
-               loop: asyncio.AbstractEventLoop | None = None) -> Stream: ...
-
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 adapter: str | None = None) -> list[list[Completion]]: ...
 
 
 @dataclass
@@ -186,7 +83,7 @@ class TransformersEngine:
             stop_token_ids if stop_token_ids is not None
             else ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
         )
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.pad_id = pad_id_of(tokenizer)
         self.device = next(model.parameters()).device
         from corral.models.adapters import uses_prefix
 
@@ -195,8 +92,7 @@ class TransformersEngine:
                 "prefix-tuning adapters feed their prefix as a KV cache, which the continuous-batching engine "
                 "manages itself: serve a LoRA adapter or a full model instead"
             )
-        # `_last_logits`: the output head's weight once checked; None: not checked yet; False: the model's own.
-        self._head: torch.Tensor | bool | None = None if self.device.type == "cpu" else False
+        self._head = LastLogits(model, self.device)  # on CPU, runs the output head itself (see generate/head.py)
         self._waiting: deque[_Sequence] = deque()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -210,8 +106,7 @@ class TransformersEngine:
             raise ValueError("prompt: empty prompt")
         if len(prompt_ids) >= self.max_len:
             raise ValueError(f"prompt: {len(prompt_ids)} tokens, the model's context is {self.max_len}")
-        if adapter not in (None, BASE_ADAPTER) and adapter not in self.adapters():
-            raise ValueError(f"adapter '{adapter}' is not loaded (loaded: {', '.join(self.adapters()) or 'none'})")
+        check_adapter(adapter, self.adapters())
         stream = Stream(params.n, len(prompt_ids), loop)
         base_seed = params.seed if params.seed is not None else random.getrandbits(63)
         stops = self.default_stop_ids | frozenset(params.stop_token_ids)
@@ -303,32 +198,10 @@ class TransformersEngine:
         if any(a is not None for a in adapters):  # peft's mixed-batch LoRA: each row runs with its own adapter
             active = getattr(self.model, "active_adapter", BASE_ADAPTER)
             kwargs["adapter_names"] = [a or active for a in adapters]
-        # The output head is run by us (`_last_logits`) once checked: the model then builds no logits.
-        kwargs["logits_to_keep"] = _NO_POSITIONS if isinstance(self._head, torch.Tensor) else 1
-        kwargs["output_hidden_states"] = self._head is not False
+        kwargs.update(self._head.forward_kwargs())  # the model builds no logits once we run the head
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=cache, use_cache=True, **kwargs)
-        return self._last_logits(out), out.past_key_values
-
-    def _last_logits(self, out) -> torch.Tensor:
-        """(B, vocab) float logits of each row's last position.
-
-        On CPU, MKL's float32 matmul is slow for a few rows against a large output head (a decode step's
-        shape): head @ hidden.T is 2-4x faster than hidden @ head.T at 2-16 rows on SmolLM2's 49k x 576
-        head (measured on 2 AVX2 cores: 8 rows 12 ms against 43 ms). So a model whose output head is a
-        plain bias-free Linear has its logits computed here, after checking once, on the first batch, that
-        they equal the model's own (a model that scales or caps its logits keeps its own head)."""
-        if self._head is False:
-            return out.logits[:, -1, :].float()
-        hidden = out.hidden_states[-1][:, -1, :]
-        if self._head is None:
-            own = out.logits[:, -1, :].float()
-            head = self.model.get_output_embeddings()
-            plain = type(head) is torch.nn.Linear and head.bias is None
-            ours = (head.weight @ hidden.T).T.float() if plain else None
-            self._head = head.weight if plain and torch.allclose(ours, own, rtol=1e-4, atol=1e-4) else False
-            return own
-        return (self._head @ hidden.T).T.float()
+        return self._head(out), out.past_key_values
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
         # The n replies of a request share a prompt: compute each distinct (prompt, adapter) once.
@@ -469,44 +342,4 @@ class TransformersEngine:
             self._mask = self._mask[:, dead:]
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, dead:], layer.values[:, :, dead:]
-
-
-def submit_chat(engine: Engine, fmt, conversation: Conversation, params: SamplingParams, adapter: str | None = None,
-                loop: asyncio.AbstractEventLoop | None = None) -> Stream:
-    """Submit a conversation (ending with a user message): rendered by the chat template `fmt`, which
-    also adds its end-of-turn stops. Raises TemplateError for a conversation the template refuses."""
-    return engine.submit(fmt.render(conversation), with_template_stops(params, fmt), adapter=adapter, loop=loop)
-
-
-def generate_replies(engine: Engine, fmt, conversations: list[Conversation], params: SamplingParams) -> list[str]:
-    """One reply per conversation (each ending with a user message), rendered with the chat template `fmt`."""
-    params = with_template_stops(params, fmt)
-    results = engine.generate([fmt.render(c) for c in conversations], params)
-    return [choices[0].text.strip() for choices in results]
-
-
-def per_prompt(params: SamplingParams | list[SamplingParams], count: int) -> list[SamplingParams]:
-    if isinstance(params, SamplingParams):
-        return [params] * count
-    if len(params) != count:
-        raise ValueError(f"{len(params)} sampling params for {count} prompts")
-    return list(params)
-
-
-def with_template_stops(params: SamplingParams, fmt) -> SamplingParams:
-    """The template's end-of-turn tokens and strings added to the request's own stops."""
-    from dataclasses import replace
-
-    single_token = set(fmt.stop_token_ids)
-    strings = tuple(s for s in fmt.stop_strings if s and not _is_one_token(fmt.tokenizer, s, single_token))
-    return replace(
-        params,
-        stop_token_ids=tuple(sorted(set(params.stop_token_ids) | single_token)),
-        stop=tuple(dict.fromkeys(params.stop + strings)),
-    )
-
-
-def _is_one_token(tokenizer, text: str, ids: set[int]) -> bool:
-    encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return len(encoded) == 1 and encoded[0] in ids
 

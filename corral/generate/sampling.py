@@ -12,6 +12,15 @@ from dataclasses import dataclass
 import torch
 
 
+class SamplingError(ValueError):
+    """A sampling parameter out of range. `param` names it, so the server can report the request field
+    without parsing the message; the message still starts with it (`"top_p: invalid value 0"`)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 128
@@ -36,12 +45,23 @@ class SamplingParams:
             "presence_penalty": -2 <= self.presence_penalty <= 2,
             "frequency_penalty": -2 <= self.frequency_penalty <= 2,
             "n": 1 <= self.n <= 128,
+            # reply i draws from a torch generator seeded with seed + i: each must fit its 64 bits
+            "seed": self.seed is None or -(2**63) <= self.seed <= 2**64 - self.n,
         }
         for name, ok in checks.items():
             if not ok:
-                raise ValueError(f"{name}: invalid value {getattr(self, name)!r}")
+                raise SamplingError(name, f"invalid value {getattr(self, name)!r}")
         if any(not s for s in self.stop):
-            raise ValueError("stop: stop strings must not be empty")
+            raise SamplingError("stop", "stop strings must not be empty")
+
+
+def per_prompt(params: SamplingParams | list[SamplingParams], count: int) -> list[SamplingParams]:
+    """An engine's `generate` takes one params for all prompts or one per prompt (e.g. a seed each)."""
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    if len(params) != count:
+        raise ValueError(f"{len(params)} sampling params for {count} prompts")
+    return list(params)
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """vLLM behind Corral's engine interface (`engine: vllm`, CUDA only).
 
-Same contract as `TransformersEngine`: `submit(prompt_ids, params, adapter)` returns a `Stream` of
-`TokenEvent`s, `generate()` blocks for a batch. vLLM's asyncio engine runs on its own event loop in
-a background thread; each request is a coroutine there that turns vLLM's delta outputs into our
-events. LoRA adapters of the base are served as vLLM LoRA requests (one base in GPU memory).
+The `Engine` protocol of `generate/types.py`, as `TransformersEngine` implements it:
+`submit(prompt_ids, params, adapter)` returns a `Stream` of `TokenEvent`s, `generate()` blocks for a
+batch. vLLM's asyncio engine runs on its own event loop in a background thread; each request is a
+coroutine there that turns vLLM's delta outputs into our events. LoRA adapters of the base are
+served as vLLM LoRA requests (one base in GPU memory).
 
 vLLM is not a dependency (it brings its own CUDA torch); install it on GPU machines only.
 """
@@ -14,8 +15,8 @@ import asyncio
 import threading
 import uuid
 
-from corral.generate.engine import BASE_ADAPTER, Completion, Stream, TokenEvent
-from corral.generate.sampling import SamplingParams
+from corral.generate.sampling import SamplingParams, per_prompt
+from corral.generate.types import Completion, Stream, TokenEvent, check_adapter, pad_id_of
 
 
 def _require_vllm():
@@ -39,7 +40,7 @@ class VLLMEngine:
         from vllm.lora.request import LoRARequest
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (self.tokenizer.eos_token_id or 0)
+        self.pad_id = pad_id_of(self.tokenizer)
         self._loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(adapters)}
         self._next_lora_id = len(adapters)
         args = vllm.AsyncEngineArgs(
@@ -83,8 +84,7 @@ class VLLMEngine:
                loop: asyncio.AbstractEventLoop | None = None) -> Stream:
         from vllm.inputs import TokensPrompt
 
-        if adapter not in (None, BASE_ADAPTER) and adapter not in self._loras:
-            raise ValueError(f"adapter '{adapter}' is not loaded (loaded: {', '.join(self._loras) or 'none'})")
+        check_adapter(adapter, self.adapters())
         stream = Stream(params.n, len(prompt_ids), loop)
         request_id = uuid.uuid4().hex
         lora = self._loras.get(adapter) if adapter else None
@@ -124,8 +124,6 @@ class VLLMEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                  adapter: str | None = None) -> list[list[Completion]]:
-        from corral.generate.engine import per_prompt
-
         streams = [self.submit(p, q, adapter) for p, q in zip(prompts, per_prompt(params, len(prompts)))]
         return [s.collect() for s in streams]
 

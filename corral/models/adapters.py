@@ -6,8 +6,6 @@ from pathlib import Path
 
 import torch
 
-from corral.atomic import atomic_dir
-
 
 def add_lora(model, r: int, alpha: int, dropout: float, target_modules, quantized: bool = False,
              gradient_checkpointing: bool = False, task_type: str = "CAUSAL_LM",
@@ -46,7 +44,7 @@ def uses_prefix(model) -> bool:
 
 def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, dtype: str = "auto") -> Path:
     """Fold a LoRA adapter into its base and write a plain HF folder (as Alpaca-LoRA's export did)."""
-    from corral.models.load import load_model, load_tokenizer
+    from corral.models.load import load_model, load_tokenizer, save_model
 
     model = load_model(str(adapter_dir), dtype=dtype, device="cpu")
     if not is_adapter(model):
@@ -54,11 +52,9 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, dtype: str = 
     if uses_prefix(model):
         raise ValueError(f"{adapter_dir} is a prefix-tuning adapter: it has no weights to fold into the base")
     merged = model.merge_and_unload()
-    tokenizer = load_tokenizer(str(adapter_dir))
-    with atomic_dir(output_dir) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    return Path(output_dir)
+    card = {"title": f"Corral merge of {adapter_dir}", "recipe": "corral merge", "adapter": str(adapter_dir)}
+    # template None: the adapter folder's tokenizer already carries the template it was trained with.
+    return save_model(merged, load_tokenizer(str(adapter_dir)), None, output_dir, card=card)
 
 
 def trainable_parameter_count(model: torch.nn.Module) -> tuple[int, int]:

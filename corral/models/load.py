@@ -1,4 +1,6 @@
-"""The one model loader: hub id | local HF folder | peft adapter folder | .gguf file | embedded name.
+"""Model I/O, once: `load_model` and `load_tokenizer` read what a user names (hub id | local HF folder | peft
+adapter folder | .gguf file | embedded name), as a causal LM or with a scalar score head (reward models,
+critics); `save_model` writes every model folder Corral produces (atomic, chat template set, model card).
 
 GGUF files (the embedded model among them) are de-quantized once by transformers and saved as a
 safetensors HF folder in Corral's cache, written atomically, so later loads take under a second
@@ -14,6 +16,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -159,24 +162,38 @@ def load_model(
     device: torch.device | str | None = None,
     quant_bits: int | None = None,
     trainable_adapter: bool = False,
+    head: Literal["lm", "score"] = "lm",
+    pad_token_id: int | None = None,
 ):
-    """Load a causal LM (and a peft adapter on top when `name` is an adapter folder).
+    """Load a causal LM, or with `head="score"` the same backbone with a one-label score head (a new random head
+    on a base LM; a saved reward model's own), and a peft adapter on top when `name` is an adapter folder.
 
-    `quant_bits` 4 or 8 loads the base through bitsandbytes (QLoRA). Returns the model, in eval mode.
+    `quant_bits` 4 or 8 loads the base through bitsandbytes (QLoRA). `pad_token_id` goes into the score head's
+    config (its own pooling looks for it). Returns the model, in eval mode.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     device = torch.device(device) if device is not None else default_device()
     resolved = resolve_model(name)
     torch_dtype = resolve_dtype(dtype, device)
     kwargs: dict = {"dtype": torch_dtype, "attn_implementation": attention_implementation(device)}
+    if head == "score":
+        kwargs["num_labels"] = 1
+        if pad_token_id is not None:
+            kwargs["pad_token_id"] = pad_token_id
+        if resolved.adapter:
+            task = json.loads((Path(resolved.adapter) / "adapter_config.json").read_text()).get("task_type")
+            if task != "SEQ_CLS":
+                raise ModelLoadError(f"{name} is a {task} adapter, not a reward model (SEQ_CLS) adapter")
     if quant_bits:
         kwargs["quantization_config"] = quantization_config(quant_bits, torch_dtype)
         kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None else device.type}
+    auto = AutoModelForSequenceClassification if head == "score" else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+        model = auto.from_pretrained(resolved.path, **kwargs)
     except Exception as e:
-        raise ModelLoadError(f"could not load model '{name}' from {resolved.path}: {e}") from e
+        what = "a reward model" if head == "score" else "model"
+        raise ModelLoadError(f"could not load {what} '{name}' from {resolved.path}: {e}") from e
     if not quant_bits:
         model.to(device)
     if resolved.adapter:
@@ -185,6 +202,53 @@ def load_model(
         model = PeftModel.from_pretrained(model, resolved.adapter, is_trainable=trainable_adapter)
     model.eval()
     return model
+
+
+def save_model(model, tokenizer, template, folder: str | Path, card: dict | None = None) -> Path:
+    """Write `model` as a standard folder, atomically: a peft adapter or a full safetensors HF model, the
+    tokenizer with `template`'s Jinja as its chat_template (so plain transformers and vLLM prompt as Corral
+    trained; None keeps the tokenizer's), and a model card (README.md) from `card` (what made it)."""
+    from corral.models.forward import unwrap
+
+    model = unwrap(model)
+    saved_template = tokenizer.chat_template
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if template is not None and getattr(template, "chat_template_jinja", None):
+            tokenizer.chat_template = template.chat_template_jinja
+        try:
+            tokenizer.save_pretrained(tmp)
+        finally:
+            tokenizer.chat_template = saved_template
+        (tmp / "README.md").write_text(model_card(model, template, card or {}), encoding="utf-8")
+    return Path(folder)
+
+
+def model_card(model, template, card: dict) -> str:
+    """A short Hugging Face model card: front matter the hub reads, and how to load the folder."""
+    from corral.models.adapters import is_adapter
+
+    adapter = is_adapter(model)
+    config = model.peft_config["default"] if adapter else None
+    base = getattr(config, "base_model_name_or_path", None) or getattr(model.config, "_name_or_path", "") or ""
+    meta = {"library_name": "peft" if adapter else "transformers", "tags": ["corral", *card.get("tags", [])]}
+    if base:
+        meta["base_model"] = base
+    lines = ["---", *(f"{k}: {json.dumps(v)}" for k, v in meta.items()), "---", "",
+             f"# {card.get('title', 'Corral model')}", ""]  # fmt: skip
+    lines += [f"- {key}: {value}" for key, value in card.items() if key not in ("title", "tags")]
+    if template is not None:
+        lines.append(f"- chat template: `{template.name}` (saved as the tokenizer's chat_template)")
+    inner = model.get_base_model() if adapter else model
+    kind = "SequenceClassification" if type(inner).__name__.endswith("ForSequenceClassification") else "CausalLM"
+    if adapter:
+        lines += ["", f"A peft adapter ({getattr(config, 'peft_type', '')}) over `{base}`:", "", "```python",
+                  f"from peft import AutoPeftModelFor{kind}", f"model = AutoPeftModelFor{kind}.from_pretrained(PATH)",
+                  "```"]  # fmt: skip
+    else:
+        lines += ["", "A full model:", "", "```python", f"from transformers import AutoModelFor{kind}",
+                  f"model = AutoModelFor{kind}.from_pretrained(PATH)", "```"]  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def quantization_config(bits: int, compute_dtype: torch.dtype):

@@ -33,12 +33,12 @@ def run(cfg: ChatConfig):
 
     print(f"loading {cfg.model} ...", flush=True)
     tokenizer = load_tokenizer(cfg.model)
-    fmt = get_template(cfg.template, tokenizer)
+    template = get_template(cfg.template, tokenizer)
     # Small models loop without a repetition penalty; 1.1 unless the user chose.
     if cfg.repetition_penalty is None:
         params = replace(params, repetition_penalty=1.1)
     engine = TransformersEngine(load_model(cfg.model, dtype=cfg.dtype), tokenizer).start()
     try:
-        return chat_loop(LocalBackend(engine, fmt), params, cfg.system, banner=f"chatting with {cfg.model}")
+        return chat_loop(LocalBackend(engine, template), params, cfg.system, banner=f"chatting with {cfg.model}")
     finally:
         engine.close()

@@ -18,7 +18,7 @@ from functools import partial
 
 import torch
 
-from corral.atomic import append_line, atomic_dir, atomic_write_text
+from corral.atomic import append_line, atomic_write_text
 from corral.chat.conversation import Conversation, Message
 from corral.chat.templates import get_template
 from corral.config import DPOConfig
@@ -28,8 +28,7 @@ from corral.data.preference import PreferencePair
 from corral.models.adapters import add_lora, is_adapter, trainable_parameter_count
 from corral.models.forward import final_hidden, output_head, unwrap
 from corral.models.load import load_model, load_tokenizer
-from corral.recipes.sft import save_model_folder
-from corral.recipes.runs import begin_run, preference_rows
+from corral.recipes.runs import RecipeResult, begin_run, saver, preference_rows, train_summary
 from corral.train.loop import train
 from corral.train.losses import preference_loss, sequence_logps
 
@@ -47,13 +46,13 @@ class PairRow:
         return self.chosen.input_ids + self.rejected.input_ids
 
 
-def pairs_to_rows(pairs: list[PreferencePair], fmt, max_len: int) -> tuple[list[PairRow], int]:
+def pairs_to_rows(pairs: list[PreferencePair], template, max_len: int) -> tuple[list[PairRow], int]:
     """Rows, and the number of pairs dropped because a side is longer than max_len."""
     rows, too_long = [], 0
     for pair in pairs:
         sides = []
         for reply in (pair.chosen, pair.rejected):
-            ids, labels = fmt.render_with_masks(Conversation(pair.prompt.messages + [Message("assistant", reply)]))
+            ids, labels = template.render_with_masks(Conversation(pair.prompt.messages + [Message("assistant", reply)]))
             sides.append(to_sample(ids, labels, pair.source))
         if max(len(s.input_ids) for s in sides) > max_len:
             too_long += 1
@@ -142,18 +141,18 @@ def precompute_reference(model, rows: list[PairRow], pad_id: int, batch_size: in
     model.train()
 
 
-def run(cfg: DPOConfig):
+def run(cfg: DPOConfig) -> RecipeResult:
     run_ = begin_run(cfg, "dpo")
     accelerator, out, main, log = run_.accelerator, run_.out, run_.main, run_.log
     tokenizer = load_tokenizer(cfg.model)
-    fmt = get_template(cfg.template, tokenizer)
-    rows, eval_rows = preference_rows(cfg.data, fmt, cfg.train.max_len, cfg.train.seed, pairs_to_rows, log)
+    template = get_template(cfg.template, tokenizer)
+    rows, eval_rows = preference_rows(cfg.data, template, cfg.train.max_len, cfg.train.seed, pairs_to_rows, log)
 
     device = accelerator.device
     model = load_model(cfg.model, dtype=cfg.dtype, device=device)
     if is_adapter(model):
         raise ValueError(f"model={cfg.model} is an adapter folder; merge it first (corral merge) to train on top of it")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id
     ref_model = None
     needs_ref = cfg.loss != "simpo"
     if needs_ref and (cfg.precompute_ref or cfg.method == "full"):
@@ -170,17 +169,17 @@ def run(cfg: DPOConfig):
     log(f"policy {cfg.model} ({cfg.method}): {trainable:,} trainable of {total:,} parameters; reference: {reference}")
     before = evaluate_pairs(model, eval_rows, pad_id, cfg.train.batch_size, device, ref_model, cfg.beta) if eval_rows and main else None
 
-    tokenizer.chat_template = getattr(fmt, "chat_template_jinja", tokenizer.chat_template)
-    save = partial(save_model_folder, tokenizer=tokenizer)
+    card = {"title": f"Corral DPO ({cfg.method}) of {cfg.model}", "recipe": "corral dpo", "method": cfg.method}
+    save = saver(tokenizer, template, card)
     loss_fn = partial(dpo_loss_fn, kind=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
                       simpo_gamma=cfg.simpo_gamma, ref_model=ref_model)
     result = train(model, rows, collate_fn=partial(collate_pairs, pad_id=pad_id), loss_fn=loss_fn,
-                   settings=cfg.train, output_dir=out, save_model=save, accelerator=accelerator, eval_rows=eval_rows)
+                   settings=cfg.train, output_dir=out, save_model=save, accelerator=accelerator, eval_rows=eval_rows,
+                   config=cfg.model_dump(mode="json"))
     model_dir = out / "model"
     stats = None
     if main:
-        with atomic_dir(model_dir) as tmp:
-            save(model, tmp)
+        save(model, model_dir)
         if eval_rows:
             after = evaluate_pairs(model, eval_rows, pad_id, cfg.train.batch_size, device, ref_model, cfg.beta)
             stats = {"before": before, "after": after}
@@ -191,4 +190,4 @@ def run(cfg: DPOConfig):
                 f"margin {after['reward_margin']:.3f}")
         log(f"model: {model_dir}\nmetrics: {result.metrics_path}\nloss curve: {out / 'loss.png'}")
     accelerator.wait_for_everyone()
-    return model_dir, result, stats
+    return RecipeResult(model_dir, train_summary(result, eval=stats))

@@ -44,7 +44,7 @@ def answer(cfg: JudgeAnswerConfig) -> dict:
         print(f"loading {', '.join(cfg.models or [EMBEDDED_MODEL])} ...", flush=True)
         served = load_served_models(cfg.models or [EMBEDDED_MODEL], template=cfg.template, dtype=cfg.dtype,
                                     max_batch=cfg.max_batch)  # fmt: skip
-        backends = {name: LocalBackend(s.engine, s.fmt, s.adapter) for name, s in served.items()}
+        backends = {name: LocalBackend(s.engine, s.template, s.adapter) for name, s in served.items()}
     print(f"{len(questions)} questions from {cfg.questions}; answers -> {answers_dir}/", flush=True)
     try:
         stats = generate_answers(backends, questions, answers_dir, params, temperature=cfg.temperature,

@@ -20,55 +20,130 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Literal
 
 from corral.atomic import atomic_write_text, read_jsonl
-from corral.config import PIPELINE_STAGES, PipelineConfig, save_config
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
+
+from corral.config import EMBEDDED_MODEL, DPOConfig, PPOConfig, RewardConfig, Section, SFTConfig, save_config
 from corral.data.formats import DataError, resolve_data_path
+
+# The pipeline's config and its wiring: which fields connect the stages, set here and nowhere else.
+
+class PipelineDataConfig(Section):
+    split: str = Field("", description="DeepSpeed-Chat stage split set on every stage's data section, e.g. `2,4,4`: "
+                       "SFT takes part 0, the reward model part 1, PPO's prompts part 2; DPO, a preference stage, takes "
+                       "part 1 (so `2,8` suits rl=dpo). Each stage reads its own data.path (conversations for SFT and "
+                       "PPO, pairs for the reward model and DPO): for disjoint parts those files must hold the same "
+                       "records in the same order, as builtin:corral_identity and builtin:corral_preferences do. "
+                       "Empty: each stage keeps its own data.split settings.")
+    split_seed: int = Field(1234, description="Seed of the stage split, set on every stage.")
+
+
+PIPELINE_STAGES = {"ppo": ("sft", "reward", "ppo"), "dpo": ("sft", "dpo")}
+PIPELINE_SPLIT_STAGE = {"sft": 0, "reward": 1, "ppo": 2, "dpo": 1}
+
+
+def _given(value) -> dict:
+    """A section as given: a dict (YAML), or a model built in Python (only the keys it was given)."""
+    return value.model_dump(exclude_unset=True) if isinstance(value, BaseModel) else dict(value or {})
+
+
+class PipelineConfig(Section):
+    """`corral pipeline`: SFT -> reward model -> PPO, or SFT -> DPO, each stage in OUTPUT_DIR/<stage>/.
+
+    The fields that connect the stages are wired by the pipeline: every stage's `output_dir` and `template`,
+    `sft.model`, `ppo.model`, `ppo.reward`, `dpo.model`, and with `data.split` each stage's split fields. A
+    section that sets one of them to another value is an error (the same value is accepted, so a saved
+    config.yaml loads again). `reward.model` defaults to `model`; a value given there wins."""
+
+    output_dir: str = Field("runs/pipeline", description="Each stage runs in OUTPUT_DIR/<stage>/ (sft, reward, ppo or "
+                            "dpo); config.yaml, report.md, report.html and figures/ go here.")
+    model: str = Field(EMBEDDED_MODEL, description="The base model. SFT starts from it, and so does the reward model "
+                       "(as in DeepSpeed-Chat, not from the SFT model) unless reward.model names another model with the "
+                       "same tokenizer.")
+    template: str = Field("auto", description="Chat template of every stage: PPO must render prompts the way the "
+                          "reward model was trained to read them.")
+    rl: Literal["ppo", "dpo"] = Field("ppo", description="ppo: SFT -> reward model -> PPO (the actor starts from the "
+                                      "SFT model, reward and critic from the reward model); dpo: SFT -> DPO from the "
+                                      "SFT model (no reward model).")
+    data: PipelineDataConfig = PipelineDataConfig()
+    sft: SFTConfig = Field(default_factory=dict, validate_default=True, description="Stage 1.")  # type: ignore[arg-type]
+    reward: RewardConfig = Field(default_factory=dict, validate_default=True, description="Stage 2 (rl=ppo).")  # type: ignore[arg-type]
+    ppo: PPOConfig = Field(default_factory=dict, validate_default=True, description="Stage 3 (rl=ppo).")  # type: ignore[arg-type]
+    dpo: DPOConfig = Field(default_factory=dict, validate_default=True, description="Stage 2 (rl=dpo).")  # type: ignore[arg-type]
+    report_samples: int = Field(4, ge=0, description="PPO replies shown in the report from its first and last sampled step.")
+
+    @field_validator("data")
+    @classmethod
+    def _split_has_the_stages(cls, data: PipelineDataConfig, info: ValidationInfo) -> PipelineDataConfig:
+        from corral.data.mix import parse_split
+
+        rl = info.data.get("rl")
+        needed = 1 + max(PIPELINE_SPLIT_STAGE[s] for s in PIPELINE_STAGES[rl]) if rl else 0
+        if data.split and len(parse_split(data.split)) < needed:
+            raise ValueError(f"split '{data.split}' has {len(parse_split(data.split))} parts; rl={rl} uses {needed}")
+        return data
+
+    @field_validator("sft", "reward", "ppo", "dpo", mode="before")
+    @classmethod
+    def _wire_stage(cls, value, info: ValidationInfo) -> dict:
+        stage, top = info.field_name, info.data
+        section = _given(value)
+        if not {"output_dir", "model", "template"} <= top.keys():
+            return section  # an earlier field is invalid and already reported
+        out = Path(top["output_dir"])
+        wired = {"output_dir": (str(out / stage), "OUTPUT_DIR/" + stage),
+                 "template": (top["template"], "the pipeline's template")}  # fmt: skip
+        if stage == "sft":
+            wired["model"] = (top["model"], "the pipeline's model")
+            if section.get("method") == "prefix":
+                raise ValueError("sft.method=prefix: a prefix-tuning adapter cannot be merged, and PPO and DPO "
+                                 "start from the merged SFT model")
+        elif stage == "reward":
+            section.setdefault("model", top["model"])
+        elif stage == "ppo":
+            wired["model"] = (str(out / "sft" / "model"), "the SFT stage's model")
+            wired["reward"] = (str(out / "reward" / "model"), "the reward stage's model")
+        elif stage == "dpo" and "sft" in top:
+            merged = "model" if top["sft"].method == "full" else "merged"  # DPO trains on top of the SFT weights
+            wired["model"] = (str(out / "sft" / merged), "the SFT stage's model, merged")
+        data = _given(section.get("data"))
+        if "data" in top and top["data"].split:
+            for key, wanted in (("split", top["data"].split), ("split_seed", top["data"].split_seed),
+                                ("split_stage", PIPELINE_SPLIT_STAGE[stage])):  # fmt: skip
+                if key in data and data[key] != wanted:
+                    raise ValueError(f"{stage}.data.{key}={data[key]!r}, but the pipeline's data.split sets it to "
+                                     f"{wanted!r}; leave it out")
+                data[key] = wanted
+            section["data"] = data
+        for key, (wanted, what) in wired.items():
+            if key in section and section[key] != wanted and Path(str(section[key])) != Path(str(wanted)):
+                raise ValueError(f"{stage}.{key}={section[key]!r}, but the pipeline sets it to {what} "
+                                 f"({wanted!r}); leave it out")
+            section[key] = wanted
+        return section
+
 
 MARKER = "stage_done.json"
 # Which finished stages a stage is built on: it cannot stay done when one of them has to run again.
 STAGE_INPUTS = {"sft": (), "reward": (), "ppo": ("sft", "reward"), "dpo": ("sft",)}
 
 
-def _train_summary(train) -> dict:
-    return {"steps": train.steps, "loss": train.last_loss, "eval_loss": train.eval_loss,
-            "resumed_from": train.resumed_from}  # fmt: skip
+def run_stage(stage: str, cfg: PipelineConfig) -> dict:
+    """Run one stage's recipe on its section; its summary figures, with its model folder, go in the marker."""
+    from corral.recipes import dpo, ppo, reward, sft
 
+    section = getattr(cfg, stage)
+    if stage == "dpo":
+        from corral.models.adapters import merge_adapter
 
-def run_sft(cfg: PipelineConfig) -> dict:
-    from corral.recipes import sft
-
-    result = sft.run(cfg.sft)
-    return {"model": str(result.model_dir), **_train_summary(result.train)}
-
-
-def run_reward(cfg: PipelineConfig) -> dict:
-    from corral.recipes import reward
-
-    model_dir, train, stats = reward.run(cfg.reward)
-    return {"model": str(model_dir), **_train_summary(train), "eval": stats}
-
-
-def run_ppo(cfg: PipelineConfig) -> dict:
-    from corral.recipes import ppo
-
-    result = ppo.run(cfg.ppo)
-    return {"actor": str(Path(result["out"]) / "actor"), "first": result["first"], "last": result["last"]}
-
-
-def run_dpo(cfg: PipelineConfig) -> dict:
-    from corral.models.adapters import merge_adapter
-    from corral.recipes import dpo
-
-    start = Path(cfg.dpo.model)
-    if not start.exists():  # OUTPUT/sft/merged: the SFT adapter folded into its base, once (atomic folder)
-        merge_adapter(Path(cfg.sft.output_dir) / "model", start, cfg.dpo.dtype)
-        print(f"corral pipeline: merged the SFT adapter into its base for DPO: {start}")
-    model_dir, train, stats = dpo.run(cfg.dpo)
-    return {"model": str(model_dir), **_train_summary(train), "eval": stats}
-
-
-RUNNERS = {"sft": run_sft, "reward": run_reward, "ppo": run_ppo, "dpo": run_dpo}
+        start = Path(section.model)
+        if not start.exists():  # OUTPUT/sft/merged: the SFT adapter folded into its base, once (atomic folder)
+            merge_adapter(Path(cfg.sft.output_dir) / "model", start, section.dtype)
+            print(f"corral pipeline: merged the SFT adapter into its base for DPO: {start}")
+    result = {"sft": sft, "reward": reward, "ppo": ppo, "dpo": dpo}[stage].run(section)
+    return {"model": str(result.model_dir), **result.summary}
 
 
 def read_marker(stage_dir: Path) -> dict | None:
@@ -97,7 +172,7 @@ def data_problems(cfg: PipelineConfig, stages: list[str]) -> list[str]:
         paths = [data.path] if data.path else [source.path for source in data.sources]
         if not paths:
             problems.append(f"{name}.data.path: not set (nor {name}.data.sources)")
-        paths += [p for p in (getattr(data, "eval_path", ""), getattr(section, "ptx_path", "")) if p]
+        paths += [p for p in (getattr(data, "eval_path", ""), getattr(getattr(section, "ptx", None), "path", "")) if p]
         for path in paths:
             try:
                 if not resolve_data_path(path).exists():
@@ -148,7 +223,7 @@ def run(cfg: PipelineConfig) -> dict:
         print(f"corral pipeline: {where} in {section.output_dir}"
               + (" (started before: the recipe resumes from its newest checkpoint, if any)" if again else ""))
         started = time.time()
-        result = RUNNERS[name](cfg)
+        result = run_stage(name, cfg)
         done[name] = {"stage": name, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                       "seconds": round(time.time() - started, 1), "config": section.model_dump(mode="json"),
                       "result": result}  # fmt: skip

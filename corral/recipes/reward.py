@@ -16,16 +16,15 @@ from functools import partial
 
 import torch
 
-from corral.atomic import append_line, atomic_dir, atomic_write_text
+from corral.atomic import append_line, atomic_write_text
 from corral.chat.conversation import Conversation, Message
 from corral.chat.templates import get_template
 from corral.config import RewardConfig, RewardScoreConfig
 from corral.data.preference import PreferencePair, read_preferences
 from corral.models.adapters import add_lora, trainable_parameter_count
-from corral.models.load import load_tokenizer
-from corral.models.reward import load_reward_model, sequence_scores
-from corral.recipes.sft import save_model_folder
-from corral.recipes.runs import begin_run, preference_rows
+from corral.models.load import load_model, load_tokenizer
+from corral.models.reward import sequence_scores
+from corral.recipes.runs import RecipeResult, begin_run, saver, preference_rows, train_summary
 from corral.train.loop import train
 from corral.train.losses import pairwise_reward_loss
 
@@ -41,18 +40,18 @@ class PairRow:
         return self.chosen_ids + self.rejected_ids
 
 
-def render_reply(fmt, prompt: Conversation, reply: str) -> list[int]:
+def render_reply(template, prompt: Conversation, reply: str) -> list[int]:
     """Prompt + reply + end-of-turn, exactly as SFT renders a trained reply."""
-    ids, _ = fmt.render_with_masks(Conversation(prompt.messages + [Message("assistant", reply)]))
+    ids, _ = template.render_with_masks(Conversation(prompt.messages + [Message("assistant", reply)]))
     return ids
 
 
-def pairs_to_rows(pairs: list[PreferencePair], fmt, max_len: int) -> tuple[list[PairRow], int]:
+def pairs_to_rows(pairs: list[PreferencePair], template, max_len: int) -> tuple[list[PairRow], int]:
     """Rows, and how many pairs were dropped because a side is longer than max_len (truncating would cut the
     reply's end, where the score is read)."""
     rows, too_long = [], 0
     for pair in pairs:
-        chosen, rejected = render_reply(fmt, pair.prompt, pair.chosen), render_reply(fmt, pair.prompt, pair.rejected)
+        chosen, rejected = render_reply(template, pair.prompt, pair.chosen), render_reply(template, pair.prompt, pair.rejected)
         if max(len(chosen), len(rejected)) > max_len:
             too_long += 1
             continue
@@ -98,35 +97,35 @@ def evaluate_pairs(model, rows: list[PairRow], pad_id: int, batch_size: int, dev
 
 
 def prepare_model(cfg: RewardConfig, pad_id: int, device):
-    model = load_reward_model(cfg.model, dtype=cfg.dtype, device=device, pad_token_id=pad_id)
+    model = load_model(cfg.model, dtype=cfg.dtype, device=device, head="score", pad_token_id=pad_id)
     if cfg.method == "lora":
         model = add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules,
                          task_type="SEQ_CLS", modules_to_save=["score"])
     return model
 
 
-def run(cfg: RewardConfig):
+def run(cfg: RewardConfig) -> RecipeResult:
     run_ = begin_run(cfg, "reward")
     accelerator, out, main, log = run_.accelerator, run_.out, run_.main, run_.log
     tokenizer = load_tokenizer(cfg.model)
-    fmt = get_template(cfg.template, tokenizer)
-    rows, eval_rows = preference_rows(cfg.data, fmt, cfg.train.max_len, cfg.train.seed, pairs_to_rows, log)
+    template = get_template(cfg.template, tokenizer)
+    rows, eval_rows = preference_rows(cfg.data, template, cfg.train.max_len, cfg.train.seed, pairs_to_rows, log)
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id
     model = prepare_model(cfg, pad_id, accelerator.device)
     trainable, total = trainable_parameter_count(model)
     log(f"reward model from {cfg.model} ({cfg.method}): {trainable:,} trainable of {total:,} parameters")
-    tokenizer.chat_template = getattr(fmt, "chat_template_jinja", tokenizer.chat_template)
-    save = partial(save_model_folder, tokenizer=tokenizer)
+    card = {"title": f"Corral reward model ({cfg.method}) of {cfg.model}", "recipe": "corral reward", "method": cfg.method}
+    save = saver(tokenizer, template, card)
     result = train(
         model, rows, collate_fn=partial(collate_pairs, pad_id=pad_id), loss_fn=partial(reward_loss, margin=cfg.margin),
         settings=cfg.train, output_dir=out, save_model=save, accelerator=accelerator, eval_rows=eval_rows,
+        config=cfg.model_dump(mode="json"),
     )  # fmt: skip
     model_dir = out / "model"
     stats = None
     if main:
-        with atomic_dir(model_dir) as tmp:
-            save(model, tmp)
+        save(model, model_dir)
         if eval_rows:
             stats = evaluate_pairs(model, eval_rows, pad_id, cfg.train.batch_size, accelerator.device)
             append_line(result.metrics_path, json.dumps({"step": result.steps, **{f"eval_{k}": v for k, v in stats.items()}}))
@@ -135,7 +134,7 @@ def run(cfg: RewardConfig):
                 f"{stats['mean_margin']:.3f} (chosen {stats['mean_chosen']:.3f}, rejected {stats['mean_rejected']:.3f})")
         log(f"reward model: {model_dir}\nmetrics: {result.metrics_path}\nloss curve: {out / 'loss.png'}")
     accelerator.wait_for_everyone()
-    return model_dir, result, stats
+    return RecipeResult(model_dir, train_summary(result, eval=stats))
 
 
 def score(cfg: RewardScoreConfig):
@@ -143,16 +142,16 @@ def score(cfg: RewardScoreConfig):
     from corral.data.formats import DataError, read_conversations
 
     tokenizer = load_tokenizer(cfg.model)
-    fmt = get_template(cfg.template, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = load_reward_model(cfg.model, dtype=cfg.dtype, pad_token_id=pad_id)
+    template = get_template(cfg.template, tokenizer)
+    pad_id = tokenizer.pad_token_id
+    model = load_model(cfg.model, dtype=cfg.dtype, head="score", pad_token_id=pad_id)
     device = next(model.parameters()).device
     try:
         conversations, _ = read_conversations(cfg.data)
-        items = [(c.source, fmt.render_with_masks(c)[0], None) for c in conversations]
+        items = [(c.source, template.render_with_masks(c)[0], None) for c in conversations]
     except DataError:
         pairs, _ = read_preferences(cfg.data)
-        items = [(p.source, render_reply(fmt, p.prompt, p.chosen), render_reply(fmt, p.prompt, p.rejected)) for p in pairs]
+        items = [(p.source, render_reply(template, p.prompt, p.chosen), render_reply(template, p.prompt, p.rejected)) for p in pairs]
     records = []
     for i in range(0, len(items), cfg.batch_size):
         chunk = items[i : i + cfg.batch_size]

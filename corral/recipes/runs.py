@@ -10,7 +10,29 @@ from pathlib import Path
 from corral.config import dump_config, save_config
 from corral.data.mix import load_records
 from corral.data.preference import read_preferences
-from corral.train.loop import make_accelerator
+from corral.train.harness import make_accelerator
+
+
+@dataclass
+class RecipeResult:
+    """What every training recipe returns: its trained model folder and its figures (JSON-able: steps, last
+    loss, held-out figures, PPO's first and last step and memory), which the pipeline records as they are."""
+
+    model_dir: Path
+    summary: dict
+
+
+def train_summary(train, **more) -> dict:
+    """The shared loop's result as summary figures."""
+    return {"steps": train.steps, "loss": train.last_loss, "eval_loss": train.eval_loss,
+            "resumed_from": train.resumed_from, "metrics": str(train.metrics_path), **more}  # fmt: skip
+
+
+def saver(tokenizer, template, card: dict):
+    """`save(model, folder)` for this run's model folders: checkpoints and final models alike (`save_model`)."""
+    from corral.models.load import save_model
+
+    return lambda model, folder: save_model(model, tokenizer, template, folder, card=card)
 
 
 @dataclass
@@ -54,7 +76,7 @@ def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
 def preference_rows(data, fmt, max_len: int, seed: int, to_rows, log) -> tuple[list, list]:
     """Train and held-out rows from a PreferenceDataConfig: file or mixture, stage split, eval split,
     `to_rows(pairs, fmt, max_len) -> (rows, dropped_too_long)`."""
-    reader = partial(read_preferences, fmt=data.format, skip_invalid=data.skip_invalid)
+    reader = partial(read_preferences, data_format=data.format, skip_invalid=data.skip_invalid)
     pairs = load_records(reader, data.path, data.sources, data.mix_seed, data.split, data.split_stage,
                          data.split_seed, log)
     if data.eval_path:

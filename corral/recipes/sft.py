@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
-from corral.atomic import atomic_dir
 from corral.chat.templates import get_template
 from corral.config import SFTConfig
 from corral.data.clean import conversations_to_samples
@@ -14,30 +11,17 @@ from corral.data.formats import read_conversations
 from corral.data.mix import load_records
 from corral.data.pack import collate, pack_rows, single_rows
 from corral.models.adapters import add_lora, add_prefix, is_adapter, trainable_parameter_count
-from corral.models.forward import final_hidden, output_head, unwrap
+from corral.models.forward import final_hidden, output_head
 from corral.models.load import load_model, load_tokenizer
-from corral.recipes.runs import begin_run, split_eval
-from corral.train.loop import TrainResult, train
+from corral.recipes.runs import RecipeResult, begin_run, saver, split_eval, train_summary
+from corral.train.loop import train
 from corral.train.losses import token_nll_sum
-
-
-@dataclass
-class SFTResult:
-    model_dir: Path
-    train: TrainResult
 
 
 def sft_loss(model, batch):
     """Summed next-token loss over assistant tokens, and their count."""
     hidden = final_hidden(model, batch["input_ids"], batch["position_ids"])
     return token_nll_sum(hidden, output_head(model), batch["targets"])
-
-
-def save_model_folder(model, folder: Path, tokenizer) -> None:
-    """A standard folder: peft adapter or full HF safetensors model, with the tokenizer (and its chat template)."""
-    model = unwrap(model)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
 
 
 def prepare_model(cfg: SFTConfig, device):
@@ -55,12 +39,12 @@ def prepare_model(cfg: SFTConfig, device):
     return model
 
 
-def run(cfg: SFTConfig) -> SFTResult:
+def run(cfg: SFTConfig) -> RecipeResult:
     run_ = begin_run(cfg, "sft")
     accelerator, out, main, log = run_.accelerator, run_.out, run_.main, run_.log
     tokenizer = load_tokenizer(cfg.model)
-    fmt = get_template(cfg.template, tokenizer)
-    reader = partial(read_conversations, fmt=cfg.data.format, skip_invalid=cfg.data.skip_invalid)
+    template = get_template(cfg.template, tokenizer)
+    reader = partial(read_conversations, data_format=cfg.data.format, skip_invalid=cfg.data.skip_invalid)
     conversations = load_records(reader, cfg.data.path, cfg.data.sources, cfg.data.mix_seed, cfg.data.split,
                                  cfg.data.split_stage, cfg.data.split_seed, log)
     if cfg.data.eval_path:
@@ -69,7 +53,7 @@ def run(cfg: SFTConfig) -> SFTResult:
         log(eval_report.summary())
     else:
         train_convs, eval_convs = split_eval(conversations, cfg.data.eval_fraction, cfg.train.seed)
-    samples, split_report = conversations_to_samples(train_convs, fmt, cfg.train.max_len)
+    samples, split_report = conversations_to_samples(train_convs, template, cfg.train.max_len)
     log(f"train: {split_report.summary()}")
     pack = cfg.data.pack and cfg.method != "prefix"
     if cfg.data.pack and not pack:
@@ -77,7 +61,7 @@ def run(cfg: SFTConfig) -> SFTResult:
     rows = pack_rows(samples, cfg.train.max_len) if pack else single_rows(samples)
     eval_rows = []
     if eval_convs:
-        eval_samples, eval_split = conversations_to_samples(eval_convs, fmt, cfg.train.max_len)
+        eval_samples, eval_split = conversations_to_samples(eval_convs, template, cfg.train.max_len)
         eval_rows = single_rows(eval_samples)
         log(f"eval: {eval_split.summary()}")
     n_tokens = sum(len(r.input_ids) for r in rows)
@@ -87,21 +71,20 @@ def run(cfg: SFTConfig) -> SFTResult:
 
     model = prepare_model(cfg, accelerator.device)
     trainable, total = trainable_parameter_count(model)
-    log(f"model {cfg.model} ({cfg.method}): {trainable:,} trainable of {total:,} parameters; template {fmt.name}")
-    # Checkpoints carry the template we trained with, so plain transformers/vLLM prompt the same way.
-    tokenizer.chat_template = fmt.chat_template_jinja
-    save = partial(save_model_folder, tokenizer=tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    log(f"model {cfg.model} ({cfg.method}): {trainable:,} trainable of {total:,} parameters; template {template.name}")
+    # Every folder carries the template we trained with, so plain transformers/vLLM prompt the same way.
+    card = {"title": f"Corral SFT ({cfg.method}) of {cfg.model}", "recipe": "corral sft", "method": cfg.method}
+    save = saver(tokenizer, template, card)
 
     result = train(
         model, rows,
-        collate_fn=partial(collate, pad_id=pad_id), loss_fn=sft_loss, settings=cfg.train,
-        output_dir=out, save_model=save, accelerator=accelerator, eval_rows=eval_rows,
+        collate_fn=partial(collate, pad_id=tokenizer.pad_token_id), loss_fn=sft_loss, settings=cfg.train,
+        output_dir=out, save_model=save, accelerator=accelerator,
+        eval_rows=eval_rows, config=cfg.model_dump(mode="json"),
     )  # fmt: skip
     model_dir = out / "model"
     if main:
-        with atomic_dir(model_dir) as tmp:
-            save(model, tmp)
+        save(model, model_dir)
         log(f"final model: {model_dir}\nmetrics: {result.metrics_path}\nloss curve: {out / 'loss.png'}")
     accelerator.wait_for_everyone()
-    return SFTResult(model_dir, result)
+    return RecipeResult(model_dir, train_summary(result))

@@ -1,40 +1,28 @@
-"""The OpenAI-compatible HTTP server: routes over the generation engine, plus the web chat and arena votes.
+"""The OpenAI-compatible HTTP server: a thin FastAPI router over `serve/serving.py`, plus the web chat.
 
-Chat prompts are rendered with each model's own chat template (the code SFT trained with) and stop at
-its end-of-turn. Streams are server-sent events ending in `data: [DONE]`; a client that disconnects
-cancels its request, so the engine stops spending steps on it.
+Routes parse the request (pydantic, `serve/protocol.py`), call the handler and send what it returns;
+a handler's `APIError`, a request pydantic refuses and an unknown route all leave as OpenAI's error
+body. Streams are server-sent events ending in `data: [DONE]`; a client that disconnects cancels its
+request, so the engine stops spending steps on it.
+The app's state (`app.state.serving`, `app.state.api_key`) is all the routes read.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
-import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from corral.atomic import append_line
-from corral.chat.conversation import Conversation, Message
-from corral.chat.templates import TemplateError
-from corral.generate.engine import Completion, Stream, submit_chat
-from corral.generate.sampling import SamplingParams
+from corral.serve import serving
 from corral.serve.models import ServedModel
-from corral.serve.protocol import (
-    APIError,
-    ChatRequest,
-    CompletionRequest,
-    Vote,
-    envelope,
-    new_id,
-    usage,
-)
+from corral.serve.protocol import APIError, ChatRequest, CompletionRequest, Vote
+from corral.serve.serving import Chunks, Serving
 
 WEB_DIR = Path(__file__).parent / "web"
 
@@ -42,236 +30,94 @@ WEB_DIR = Path(__file__).parent / "web"
 def build_app(models: dict[str, ServedModel], api_key: str | None = None, votes_path: str | Path | None = None,
               default_max_tokens: int = 512) -> FastAPI:
     app = FastAPI(title="Corral", docs_url="/docs")
-
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, err: APIError):
-        return JSONResponse(err.body(), status_code=err.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, err: RequestValidationError):
-        first = err.errors()[0]
-        loc = [str(p) for p in first["loc"] if p != "body"]
-        param = ".".join(loc) or None
-        return JSONResponse(APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param).body(), 400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, err: StarletteHTTPException):
-        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return JSONResponse(APIError(err.status_code, str(err.detail), type=kind).body(), err.status_code)
-
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), api_key.encode()):
-            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                           type="authentication_error", code="invalid_api_key")
-
-    def lookup(name: str) -> ServedModel:
-        if name not in models:
-            raise APIError(404, f"model '{name}' does not exist; served: {', '.join(models)}", param="model",
-                           code="model_not_found")
-        return models[name]
-
-    def sampling(req, max_tokens: int | None) -> SamplingParams:
-        try:
-            return req.sampling(max_tokens or req.max_tokens or default_max_tokens)
-        except ValueError as e:
-            param = str(e).split(":", 1)[0].replace("max_new_tokens", "max_tokens")
-            raise APIError(400, str(e), param=param) from None
-
-    def submit(served: ServedModel, prompt_ids: list[int], params: SamplingParams, param: str) -> Stream:
-        try:
-            return served.engine.submit(prompt_ids, params, adapter=served.adapter, loop=asyncio.get_running_loop())
-        except ValueError as e:
-            raise APIError(400, str(e), param=param) from None
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "models": list(models)}
-
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
-    async def list_models():
-        return {"object": "list", "data": [
-            {"id": m.name, "object": "model", "created": m.created, "owned_by": "corral"} for m in models.values()
-        ]}  # fmt: skip
-
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    async def chat_completions(req: ChatRequest):
-        served = lookup(req.model)
-        conversation = to_conversation(req)
-        params = sampling(req, req.max_completion_tokens)
-        try:
-            stream = submit_chat(served.engine, served.fmt, conversation, params, adapter=served.adapter,
-                                 loop=asyncio.get_running_loop())
-        except (TemplateError, ValueError) as e:
-            raise APIError(400, str(e), param="messages") from None
-        request_id = new_id("chatcmpl")
-        if req.stream:
-            return sse(chat_chunks(stream, request_id, req.model, req.include_usage), stream)
-        choices = await collect(stream)
-        return envelope("chat.completion", request_id, req.model, [
-            {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
-             "logprobs": None}
-            for i, c in enumerate(choices)
-        ], usage(stream.prompt_tokens, sum(len(c.token_ids) for c in choices)))  # fmt: skip
-
-    @app.post("/v1/completions", dependencies=[Depends(check_key)])
-    async def completions(req: CompletionRequest):
-        served = lookup(req.model)
-        tokenizer = served.engine.tokenizer
-        if isinstance(req.prompt, str):
-            prompts = [tokenizer(req.prompt)["input_ids"]]
-        elif req.prompt and all(isinstance(p, int) for p in req.prompt):
-            prompts = [list(req.prompt)]
-        else:
-            prompts = [tokenizer(p)["input_ids"] for p in req.prompt]
-        params = sampling(req, None)
-        streams = [submit(served, ids, params, "prompt") for ids in prompts]
-        request_id = new_id("cmpl")
-        echoes = [tokenizer.decode(ids) if req.echo else "" for ids in prompts]
-        if req.stream:
-            return sse(completion_chunks(streams, echoes, request_id, req.model, req.include_usage), *streams)
-        choices, completion_tokens = [], 0
-        for p, stream in enumerate(streams):
-            for j, c in enumerate(await collect(stream)):
-                choices.append({"index": p * params.n + j, "text": echoes[p] + c.text,
-                                "finish_reason": c.finish_reason, "logprobs": None})
-                completion_tokens += len(c.token_ids)
-        return envelope("text_completion", request_id, req.model, choices,
-                        usage(sum(s.prompt_tokens for s in streams), completion_tokens))
-
-    @app.post("/v1/arena/vote", dependencies=[Depends(check_key)])
-    async def arena_vote(vote: Vote):
-        if votes_path is None:
-            raise APIError(400, "this server records no votes (start it with --votes FILE)", param="vote")
-        for field in ("model_a", "model_b"):
-            if getattr(vote, field) not in models:
-                raise APIError(400, f"{field}: '{getattr(vote, field)}' is not a served model", param=field)
-        record = vote_record(vote)
-        await asyncio.to_thread(append_line, votes_path, json.dumps(record, ensure_ascii=False))
-        return {"recorded": True, "model_a": vote.model_a, "model_b": vote.model_b}
-
-    @app.get("/", include_in_schema=False)
-    async def index():
-        return FileResponse(WEB_DIR / "index.html")
-
+    app.state.serving = Serving(models, votes_path, default_max_tokens)
+    app.state.api_key = api_key
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.include_router(router)
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
     return app
 
 
-def to_conversation(req: ChatRequest) -> Conversation:
-    messages = []
-    for i, m in enumerate(req.messages):
-        role = "system" if m.role == "developer" else m.role
-        if role == "system" and i > 0:
-            raise APIError(400, f"messages[{i}]: a system message is only allowed first", param=f"messages.{i}.role")
-        messages.append(Message(role, m.text()))
-    return Conversation(messages)
+# ---------------------------------------------------------------------------------------------- routes
+def serving_state(request: Request) -> Serving:
+    return request.app.state.serving
 
 
-def vote_record(vote: Vote) -> dict:
-    """One line of the preference file. `prompt`/`chosen`/`rejected` are what the reward-model and DPO
-    readers take; a tie or "both bad" carries no preference, so its `chosen`/`rejected` are null (a
-    reader counts and skips it) while `replies` and `models` keep both sides for other uses."""
-    record = {"prompt": vote.prompt, "chosen": None, "rejected": None}
-    if vote.vote in ("a", "b"):
-        winner, loser = ("a", "b") if vote.vote == "a" else ("b", "a")
-        replies = {"a": vote.reply_a, "b": vote.reply_b}
-        names = {"a": vote.model_a, "b": vote.model_b}
-        record.update(chosen=replies[winner], rejected=replies[loser],
-                      models={"chosen": names[winner], "rejected": names[loser]})
-    else:
-        record["models"] = {"a": vote.model_a, "b": vote.model_b}
-    record.update(replies={"a": vote.reply_a, "b": vote.reply_b}, vote=vote.vote,
-                  timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    return record
+def check_key(request: Request) -> None:
+    api_key = request.app.state.api_key
+    if api_key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), api_key.encode()):
+        raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                       type="authentication_error", code="invalid_api_key")
 
 
-async def collect(stream: Stream) -> list[Completion]:
-    try:
-        return await stream.acollect()
-    except RuntimeError as e:
-        stream.cancel()
-        raise APIError(500, str(e), type="server_error") from None
+router = APIRouter()
+KEYED = [Depends(check_key)]  # every /v1 route; /health and the web page stay open
 
 
-def sse(chunks: AsyncIterator[dict], *streams: Stream) -> StreamingResponse:
+@router.get("/health")
+async def health(state: Serving = Depends(serving_state)):
+    return serving.health(state)
+
+
+@router.get("/v1/models", dependencies=KEYED)
+async def list_models(state: Serving = Depends(serving_state)):
+    return serving.list_models(state)
+
+
+@router.post("/v1/chat/completions", dependencies=KEYED)
+async def chat_completions(req: ChatRequest, state: Serving = Depends(serving_state)):
+    return respond(await serving.chat_completions(state, req))
+
+
+@router.post("/v1/completions", dependencies=KEYED)
+async def completions(req: CompletionRequest, state: Serving = Depends(serving_state)):
+    return respond(await serving.completions(state, req))
+
+
+@router.post("/v1/arena/vote", dependencies=KEYED)
+async def arena_vote(vote: Vote, state: Serving = Depends(serving_state)):
+    return await serving.arena_vote(state, vote)
+
+
+@router.get("/", include_in_schema=False)
+async def index():
+    return FileResponse(WEB_DIR / "index.html")
+
+
+def respond(result: dict | Chunks):
+    return sse(result) if isinstance(result, Chunks) else result
+
+
+def sse(chunks: Chunks) -> StreamingResponse:
     async def body():
         try:
-            async for chunk in chunks:
+            async for chunk in chunks.bodies:
                 yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # the client went away (or we finished): free the engine rows either way
-            for stream in streams:
+            for stream in chunks.streams:
                 stream.cancel()
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def _error_chunk(message: str) -> dict:
-    return APIError(500, f"generation failed: {message}", type="server_error").body()
+# ---------------------------------------------------------------------------------------------- errors
+async def api_error(_: Request, err: APIError):
+    return JSONResponse(err.body(), status_code=err.status)
 
 
-async def chat_chunks(stream: Stream, request_id: str, model: str, include_usage: bool) -> AsyncIterator[dict]:
-    def chunk(choices, usage_=None):
-        body = envelope("chat.completion.chunk", request_id, model, choices)
-        if include_usage:
-            body["usage"] = usage_
-        return body
-
-    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                 for i in range(stream.n)])
-    completion_tokens = 0
-    async for event in stream:
-        if event.error:
-            yield _error_chunk(event.error)
-            return
-        completion_tokens += event.token_id is not None
-        if event.text:
-            yield chunk([{"index": event.index, "delta": {"content": event.text}, "finish_reason": None}])
-        if event.finish_reason:
-            yield chunk([{"index": event.index, "delta": {}, "finish_reason": event.finish_reason}])
-    if include_usage:
-        yield chunk([], usage(stream.prompt_tokens, completion_tokens))
+async def invalid_request(_: Request, err: RequestValidationError):
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"] if p != "body"]
+    param = ".".join(loc) or None
+    return JSONResponse(APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param).body(), 400)
 
 
-async def completion_chunks(streams: list[Stream], echoes: list[str], request_id: str, model: str,
-                            include_usage: bool) -> AsyncIterator[dict]:
-    merged: asyncio.Queue = asyncio.Queue()
-
-    async def pump(p: int, stream: Stream):
-        async for event in stream:
-            await merged.put((p, stream.n, event))
-        await merged.put(None)
-
-    tasks = [asyncio.create_task(pump(p, s)) for p, s in enumerate(streams)]
-    try:
-        for p, echo in enumerate(echoes):
-            if echo:
-                for j in range(streams[p].n):
-                    yield envelope("text_completion", request_id, model,
-                                   [{"index": p * streams[p].n + j, "text": echo, "finish_reason": None}])
-        open_streams, completion_tokens = len(streams), 0
-        while open_streams:
-            item = await merged.get()
-            if item is None:
-                open_streams -= 1
-                continue
-            p, n, event = item
-            if event.error:
-                yield _error_chunk(event.error)
-                return
-            completion_tokens += event.token_id is not None
-            if event.text or event.finish_reason:
-                yield envelope("text_completion", request_id, model, [
-                    {"index": p * n + event.index, "text": event.text, "finish_reason": event.finish_reason,
-                     "logprobs": None}])  # fmt: skip
-        if include_usage:
-            body = envelope("text_completion", request_id, model, [])
-            body["usage"] = usage(sum(s.prompt_tokens for s in streams), completion_tokens)
-            yield body
-    finally:
-        for task in tasks:
-            task.cancel()
-
+async def http_error(_: Request, err: StarletteHTTPException):
+    kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+    return JSONResponse(APIError(err.status_code, str(err.detail), type=kind).body(), err.status_code)

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from corral.chat.conversation import Conversation
+from corral.generate.chat import ChatTemplate, submit_chat
 from corral.generate.sampling import SamplingParams
+from corral.generate.types import Engine
 
 
 @dataclass(frozen=True)
@@ -32,14 +34,12 @@ class LocalBackend:
     """A model in this process, through the generation engine and the model's chat template.
     Thread-safe when the engine runs its background loop (`engine.start()`)."""
 
-    engine: object
-    fmt: object
+    engine: Engine
+    template: ChatTemplate
     adapter: str | None = None
 
     def _submit(self, conversation: Conversation, params: SamplingParams):
-        from corral.generate.engine import submit_chat
-
-        return submit_chat(self.engine, self.fmt, conversation, params, adapter=self.adapter)
+        return submit_chat(self.engine, self.template, conversation, params, adapter=self.adapter)
 
     def stream(self, conversation: Conversation, params: SamplingParams) -> Iterator[str]:
         request = self._submit(conversation, params)

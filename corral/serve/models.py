@@ -13,15 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corral.chat.templates import get_template
-from corral.generate.engine import BASE_ADAPTER, TransformersEngine
+from corral.generate.chat import ChatTemplate
+from corral.generate.engine import TransformersEngine
+from corral.generate.types import BASE_ADAPTER, Engine
 from corral.models.load import ModelLoadError, load_model, load_tokenizer, resolve_model
 
 
 @dataclass
 class ServedModel:
     name: str
-    engine: object  # an Engine
-    fmt: object  # the chat template it was trained with
+    engine: Engine  # shared by every model of one base
+    template: ChatTemplate  # the chat template it was trained with
     adapter: str | None  # internal peft adapter name in its engine, None for the base
     created: int
 
@@ -61,7 +63,7 @@ def load_served_models(specs: list[str], template: str = "auto", dtype: str = "a
         if engine == "vllm":
             from corral.generate.vllm import VLLMEngine
 
-            eng = VLLMEngine(base_path, adapters, dtype=dtype, max_batch=max_batch)
+            eng: Engine = VLLMEngine(base_path, adapters, dtype=dtype, max_batch=max_batch)
         else:
             model = load_model(base_path, dtype=dtype)
             if adapters:
@@ -74,9 +76,9 @@ def load_served_models(specs: list[str], template: str = "auto", dtype: str = "a
                 model.eval()
             eng = TransformersEngine(model, load_tokenizer(base_path), max_batch=max_batch).start()
         for i, (name, path, adapter_dir) in enumerate(members):
-            fmt = get_template(template, load_tokenizer(path))  # an adapter folder carries its trained template
             adapter = f"adapter{i}" if adapter_dir else (BASE_ADAPTER if adapters else None)
-            served[name] = ServedModel(name, eng, fmt, adapter, int(time.time()))
+            trained = get_template(template, load_tokenizer(path))  # an adapter folder carries its trained template
+            served[name] = ServedModel(name, eng, trained, adapter, int(time.time()))
     return served
 
 

@@ -11,13 +11,12 @@ folder named `step-N` is always complete. `resume: auto` picks the newest one.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Callable
 
-from corral.atomic import atomic_write_text
+from corral.atomic import atomic_write_text, replace_dir
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -57,17 +56,12 @@ def install_state_hooks(accelerator) -> None:
     accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
 
 
-def save_checkpoint(
-    accelerator,
-    model,
-    save_model: Callable[[object, Path], None],
-    step: int,
-    output_dir: str | Path,
-    state: dict,
-    keep: int,
-    also: dict[str, Callable[[Path], None]] | None = None,
-) -> Path:
-    """`also`: more folders beside `model/` (name -> writer), e.g. PPO's `critic/`."""
+def save_checkpoint(accelerator, step: int, output_dir: str | Path, folders: dict[str, Callable[[Path], None]],
+                    state: dict, keep: int) -> Path:
+    """`checkpoints/step-N`: each of `folders` (name -> writer of a standard model folder: `model`, PPO's
+    `critic`), written by the main process, and `trainer_state/` by every process (its own RNG state). The
+    folder is complete before it takes the name `step-N`; an existing one is replaced without a moment
+    with neither (`replace_dir`). Only the newest `keep` checkpoints stay."""
     final = checkpoints_dir(output_dir) / f"step-{step:06d}"
     staging = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
@@ -75,24 +69,21 @@ def save_checkpoint(
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_model(model, staging / "model")
-        for name, write in (also or {}).items():
+        for name, write in folders.items():
             write(staging / name)
     accelerator.save_state(str(staging / "trainer_state"))  # every process writes its own RNG state
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_text(staging / "trainer_state" / "state.json", json.dumps({"step": step, **state}, indent=1))
-        for root, _, files in os.walk(staging):
-            for name in files:
-                with open(os.path.join(root, name), "rb") as f:
-                    os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        replace_dir(staging, final)
         for _, old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def read_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "trainer_state" / "state.json").read_text())
 
 
 def load_weights(model, folder: Path) -> None:
@@ -118,11 +109,3 @@ def load_weights(model, folder: Path) -> None:
         raise RuntimeError(f"{folder}: weights do not match the model (missing {missing}, unexpected {unexpected})")
     if tied:
         model.tie_weights()
-
-
-def load_checkpoint(accelerator, model, checkpoint: Path) -> dict:
-    from corral.models.forward import unwrap
-
-    load_weights(unwrap(model), checkpoint / "model")
-    accelerator.load_state(str(checkpoint / "trainer_state"))
-    return json.loads((checkpoint / "trainer_state" / "state.json").read_text())

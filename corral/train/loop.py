@@ -1,10 +1,11 @@
-"""The one training loop, on accelerate. SFT uses it; reward, DPO and PPO recipes reuse it.
+"""The one data-driven training loop, on accelerate: SFT, the reward model and DPO run through it; PPO, whose
+rows come from rollouts, writes its own step in its recipe. Both sit on the one harness (`train/harness.py`).
 
 A recipe hands it the model, a list of rows, `collate` (rows -> tensors) and `loss_fn`
 (model, batch -> summed loss, number of targets[, stats]). `stats` is an optional dict of summed
 per-target quantities (DPO's reward accuracy, margins...): the loop sums them over the step on every
-process and logs each divided by the step's targets, beside the loss. The loop owns the rest: data order, gradient
-accumulation, clipping, optimizer and schedule, evaluation, checkpoints and resume, metrics.
+process and logs each divided by the step's targets, beside the loss. The loop owns data order, gradient
+accumulation and evaluation; the harness the optimizer, schedule, clipping, checkpoints, resume and metrics.
 
 The loss of an optimizer step is the sum of token losses over every micro-batch of the step, on
 every process, divided by the number of target tokens in the whole step. So batch 1 x accum 8,
@@ -24,18 +25,7 @@ import torch
 
 from corral.config import TrainConfig
 from corral.train import checkpoint as ckpt
-from corral.train.metrics import MetricsLog
-from corral.train.optim import make_optimizer, make_scheduler
-
-
-def make_accelerator(mixed_precision: str = "auto"):
-    from accelerate import Accelerator
-
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    # cpu=True on a machine without CUDA: accelerate then sets up multi-process CPU runs (gloo) when
-    # launched with several processes; without it each process would think it runs alone.
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+from corral.train.harness import Harness
 
 
 @dataclass
@@ -76,6 +66,13 @@ class StepPlan:
         per_process = self.batch_size * self.grad_accum
         mine = self.step_rows(step)[rank * per_process : (rank + 1) * per_process]
         return [mine[i : i + self.batch_size] for i in range(0, per_process, self.batch_size)]
+
+
+def optim_values(settings) -> dict:
+    """The optimizer fields of an OptimConfig (TrainConfig, PPO's actor / critic) as the harness takes them."""
+    from corral.config import OptimConfig
+
+    return {name: getattr(settings, name) for name in OptimConfig.model_fields}
 
 
 @dataclass
@@ -121,6 +118,7 @@ def train(
     eval_rows: Sequence | None = None,
     count_targets: Callable[[object], int] = lambda row: row.num_targets,
     count_tokens: Callable[[object], int] = lambda row: len(row.input_ids),
+    config: dict | None = None,
 ) -> TrainResult:
     output_dir = Path(output_dir)
     main = accelerator.is_main_process
@@ -130,26 +128,15 @@ def train(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # adapters on a frozen base need a grad path into the checkpoints
-    optimizer = make_optimizer(model.parameters(), settings.optimizer, settings.lr, settings.weight_decay, settings.betas)
-    scheduler = make_scheduler(optimizer, settings.schedule, round(settings.warmup_ratio * total_steps), total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # The scheduler is stepped by hand once per optimizer step (accelerate would step it once per process).
-    accelerator.register_for_checkpointing(scheduler)
-    ckpt.install_state_hooks(accelerator)
-
-    start_step = 0
-    resume_from = ckpt.find_resume(output_dir, settings.resume)
-    if resume_from is not None:
-        start_step = ckpt.load_checkpoint(accelerator, model, resume_from)["step"]
-        if main:
-            print(f"resumed from {resume_from} at step {start_step}")
-    metrics = MetricsLog(output_dir, resume_step=start_step, enabled=main)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    harness = Harness(accelerator, output_dir, save_total_limit=settings.save_total_limit, resume=settings.resume,
+                      report_to=settings.report_to, config=config)
+    trained = harness.add("model", model, save=save_model, total_steps=total_steps, **optim_values(settings))
+    model = trained.model
+    start_step = harness.resume()
+    metrics = harness.metrics
 
     def checkpoint(step: int) -> Path:
-        path = ckpt.save_checkpoint(
-            accelerator, model, save_model, step, output_dir, {"total_steps": total_steps}, settings.save_total_limit
-        )
+        path = harness.checkpoint(step, {"total_steps": total_steps})
         metrics.plot()
         return path
 
@@ -159,7 +146,7 @@ def train(
     seen_tokens = sum(sum(count_tokens(rows[i]) for i in plan.step_rows(s)) for s in range(start_step))
     started = time.perf_counter()
     last_loss = eval_loss = None
-    last_saved = start_step if resume_from is not None else None
+    last_saved = start_step if harness.resumed_from is not None else None
     model.train()
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
@@ -181,13 +168,7 @@ def train(
                 # gradient of (sum of all token losses) / (all target tokens).
                 accelerator.backward(loss_sum * accelerator.num_processes / max(step_targets, 1))
             loss_sum_total += loss_sum.detach().double()
-        if settings.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)
-        else:
-            grad_norm = torch.norm(torch.stack([p.grad.norm() for p in trainable if p.grad is not None]))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = trained.step()
         loss_sum_total = accelerator.reduce(loss_sum_total, reduction="sum")
         seen_tokens += step_tokens
         done = step + 1
@@ -197,8 +178,8 @@ def train(
             record = {
                 "step": done,
                 "loss": last_loss,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
+                "lr": trained.lr,
+                "grad_norm": grad_norm,
                 "tokens_per_s": step_tokens / elapsed,
                 "target_tokens": step_targets,
                 "seen_tokens": seen_tokens,
@@ -222,4 +203,5 @@ def train(
         if main:
             print(f"eval loss: {eval_loss:.4f} ({len(eval_rows)} held-out rows)")
     path = checkpoint(total_steps) if last_saved != total_steps else ckpt.list_checkpoints(output_dir)[-1][1]
+    harness.close()
     return TrainResult(total_steps, last_loss, eval_loss, path, metrics.path, resumed_from=start_step)

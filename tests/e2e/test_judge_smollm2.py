@@ -52,7 +52,7 @@ def test_answer_grade_report_with_the_embedded_judge(tmp_path, tiny_model_dir, t
     pairwise = read_jsonl(out / "judgments" / "pairwise.jsonl")
     assert len(single) == 2 * 4 and len(pairwise) == 4 * 2  # every judgment recorded, none lost
     for record in single + pairwise:
-        assert record["judgment"] is not None and isinstance(record["parsed"], bool)
+        assert isinstance(record["judgment"], str) and isinstance(record["parsed"], bool)  # the judge's own text
         if record["parsed"]:
             assert 1 <= record.get("score", 5) <= 10 or record.get("winner") in ("base", "tuned", "tie")
         else:

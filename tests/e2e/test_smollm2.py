@@ -1,6 +1,7 @@
 """End-to-end on the real embedded model (SmolLM2-135M-Instruct). Slow: marked, still run in CI."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -25,7 +26,7 @@ def lora_run(tmp_path_factory):
 
 
 def test_quickstart_recipe_loss_goes_down(lora_run):
-    rows = [json.loads(line) for line in lora_run.train.metrics_path.read_text().splitlines()]
+    rows = [json.loads(line) for line in Path(lora_run.summary["metrics"]).read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 8
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3

@@ -61,9 +61,9 @@ def _ppo(advantage: str, k: int, **settings) -> Callable[[Path, Path], list[dict
         from corral.recipes import ppo
 
         ppo.run(PPOConfig(model=str(model_dir), template="chatml", reward="tests.golden.cases:vowel_share",
-                          output_dir=str(out), advantage=advantage, samples_per_prompt=k, steps=STEPS,
-                          prompts_per_step=2, max_new_tokens=6, lr=1e-3, critic_lr=1e-3,
-                          data={"path": DATA}, lora=LORA, **settings))  # fmt: skip
+                          output_dir=str(out), advantage=advantage, steps=STEPS, data={"path": DATA}, lora=LORA,
+                          rollout={"prompts_per_step": 2, "samples_per_prompt": k, "max_new_tokens": 6},
+                          actor={"lr": 1e-3}, critic={"lr": 1e-3}, **settings))  # fmt: skip
         return read_jsonl(out / "metrics.jsonl")
 
     return case
@@ -76,8 +76,8 @@ CASES: dict[str, Callable[[Path, Path], list[dict]]] = {
     "dpo-lora": _dpo,
     # gae off-policy (two epochs of one-sample mini-batches: old log-probs from their own pass), adaptive KL;
     # rloo on-policy (one epoch of one mini-batch: the update's forward gives the old log-probs).
-    "ppo-gae": _ppo("gae", 1, minibatch=1, ppo_epochs=2, kl_target=1.0),
-    "ppo-rloo": _ppo("rloo", 2, minibatch=4),
+    "ppo-gae": _ppo("gae", 1, update={"minibatch": 1, "epochs": 2}, kl={"target": 1.0}),
+    "ppo-rloo": _ppo("rloo", 2, update={"minibatch": 4}),
 }
 
 # The figures pinned per case: losses, and what the loss is made of.

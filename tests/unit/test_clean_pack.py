@@ -60,10 +60,15 @@ def test_packing_restarts_positions_and_fills_rows(tiny_tokenizer):
     assert len(rows) < len(samples)
     assert sum(len(r.input_ids) for r in rows) == sum(len(s.input_ids) for s in samples)
     assert sum(r.num_targets for r in rows) == sum(s.num_targets for s in samples)
+    segments = []  # each packed sample's length, read from where the positions restart at 0
     for r in rows:
         assert len(r.input_ids) <= 256
         starts = [i for i, p in enumerate(r.position_ids) if p == 0]
-        assert starts[0] == 0 and len(starts) >= 1
+        assert starts[0] == 0
+        for begin, end in zip(starts, starts[1:] + [len(r.position_ids)]):
+            assert r.position_ids[begin:end] == list(range(end - begin))  # 0, 1, 2... within each sample
+            segments.append(end - begin)
+    assert sorted(segments) == sorted(len(s.input_ids) for s in samples)  # every sample once, whole
 
 
 def test_packed_loss_equals_unpacked_loss(tiny_tokenizer):

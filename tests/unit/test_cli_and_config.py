@@ -98,3 +98,32 @@ def test_unreadable_data_is_reported_with_its_place(tiny_model_dir, tmp_path, ca
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}\n')
     assert main(["data", "inspect", str(bad), "--model", str(tiny_model_dir)]) == 1
     assert f"{bad}:1: field 'messages[1].role': unknown role 'bot'" in capsys.readouterr().err
+
+
+def test_documented_words_parse_as_the_documented_values(tmp_path, capsys):
+    """YAML 1.1 reads `no`, `yes`, `on`, `off` as booleans; the documented `mixed_precision=no` and any word in a
+    string field stay the word, on the command line and in files, while bool fields still take them."""
+    from corral.cli import COMMANDS, build_config, parse_args
+
+    assert [parse_value(w) for w in ("no", "yes", "on", "off", "true", "False")] == ["no", "yes", "on", "off", True, False]
+    cfg = build_config(COMMANDS["sft"], *parse_args("sft", COMMANDS["sft"],
+                                                    ["train.mixed_precision=no", "data.pack=off", "output_dir=on"]))
+    assert (cfg.train.mixed_precision, cfg.data.pack, cfg.output_dir) == ("no", False, "on")
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\ndata:\n  pack: no\n")
+    from_file = load_config(SFTConfig, path)
+    assert (from_file.train.mixed_precision, from_file.data.pack) == ("no", False)
+
+
+def test_a_section_keeps_its_recipe_defaults_when_other_keys_are_given(capsys):
+    """reward's train.lr default is 1e-4 and DPO's 5e-5, not the loop's 2e-4: setting train.max_steps keeps them,
+    and `--help` shows them."""
+    from corral.config import DPOConfig, PPOConfig, RewardConfig
+
+    assert load_config(RewardConfig, None, {"train.max_steps": 3}).train.lr == 1e-4
+    assert load_config(DPOConfig, None, {"train.max_steps": 3}).train.lr == 5e-5
+    ppo = load_config(PPOConfig, None, {"reward": "m:f", "actor.warmup_ratio": 0.1, "critic.max_grad_norm": 0.5})
+    assert (ppo.actor.lr, ppo.actor.schedule, ppo.actor.warmup_ratio) == (1e-5, "constant", 0.1)
+    assert (ppo.critic.lr, ppo.critic.max_grad_norm) == (5e-5, 0.5)
+    assert main(["reward", "--help"]) == 0
+    assert "  train.lr = 0.0001\n" in capsys.readouterr().out

@@ -6,8 +6,10 @@ import pytest
 import torch
 from tests.conftest import build_model
 
-from corral.generate.engine import BASE_ADAPTER, TransformersEngine, generate_replies
-from corral.generate.sampling import SamplingParams
+from corral.generate.chat import generate_replies
+from corral.generate.engine import TransformersEngine
+from corral.generate.sampling import SamplingError, SamplingParams
+from corral.generate.types import BASE_ADAPTER
 
 LENGTHS = (3, 17, 8, 40, 1, 25)
 
@@ -61,12 +63,12 @@ class ScaledLogits(torch.nn.Module):
 def test_the_engine_runs_a_plain_output_head_itself_and_no_other(model, tiny_tokenizer, prompts):
     engine = TransformersEngine(model, tiny_tokenizer, stop_token_ids=())
     (fast,) = engine.generate(prompts[:1], SamplingParams(max_new_tokens=6))
-    assert engine._head is model.get_output_embeddings().weight  # checked against the model's logits, then used
+    assert engine._head.weight is model.get_output_embeddings().weight  # checked against the model's logits, then used
     assert fast[0].token_ids == hf_greedy(model, prompts[0], 6)
     scaled = ScaledLogits(model)
     engine = TransformersEngine(scaled, tiny_tokenizer, stop_token_ids=())
     (own,) = engine.generate(prompts[:1], SamplingParams(max_new_tokens=6))
-    assert engine._head is False  # its own logits differ from head @ hidden: they are kept
+    assert engine._head.weight is False  # its own logits differ from head @ hidden: they are kept
     with torch.no_grad():
         logits = model(torch.tensor([prompts[0]])).logits[0, -1]
     assert own[0].token_ids[0] == int(logits.argmin())
@@ -201,13 +203,28 @@ def test_generate_replies_stops_at_the_template_end_of_turn(model, tiny_tokenize
     from corral.chat.conversation import Conversation
     from corral.chat.templates import get_template
 
-    fmt = get_template("chatml", tiny_tokenizer)
+    template = get_template("chatml", tiny_tokenizer)
     end_of_turn = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
     conv = Conversation.from_pairs(("user", "hello"))
     engine = TransformersEngine(model, tiny_tokenizer)
-    (reply,) = generate_replies(engine, fmt, [conv], SamplingParams(max_new_tokens=40))
-    raw = engine.generate([fmt.render(conv)], SamplingParams(max_new_tokens=40, stop_token_ids=(end_of_turn,)))[0][0]
+    (reply,) = generate_replies(engine, template, [conv], SamplingParams(max_new_tokens=40))
+    params = SamplingParams(max_new_tokens=40, stop_token_ids=(end_of_turn,))
+    raw = engine.generate([template.render(conv)], params)[0][0]
     assert reply == raw.text.strip()
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"top_p": 0}, "top_p"), ({"temperature": -1}, "temperature"), ({"n": 0}, "n"),
+    ({"max_new_tokens": 0}, "max_new_tokens"), ({"stop": ("",)}, "stop"), ({"seed": 2**64}, "seed"),
+    ({"seed": 2**64 - 2, "n": 3}, "seed"), ({"seed": -(2**63) - 1}, "seed"),
+])  # fmt: skip
+def test_a_bad_sampling_value_raises_an_error_naming_its_parameter(fields, param):
+    with pytest.raises(SamplingError) as e:
+        SamplingParams(**fields)
+    assert e.value.param == param and str(e.value).startswith(f"{param}: ")
+    assert isinstance(e.value, ValueError)  # callers that catch ValueError still do
+    SamplingParams(seed=2**64 - 3, n=3)  # the largest seed whose n generators all fit (seed + i < 2**64)
+    SamplingParams(seed=-(2**63))
 
 
 def test_sampling_draws_follow_the_distribution():

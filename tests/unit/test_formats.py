@@ -35,7 +35,7 @@ def test_reads_json_parquet_and_datasets_folder(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps([SHAREGPT, SHAREGPT]))
     assert read_conversations(tmp_path / "d.json")[1].kept == 2
     pq.write_table(pa.Table.from_pylist([OPENAI, OPENAI, OPENAI]), tmp_path / "d.parquet")
-    convs, report = read_conversations(tmp_path / "d.parquet", fmt="openai")
+    convs, report = read_conversations(tmp_path / "d.parquet", data_format="openai")
     assert report.kept == 3 and convs[0].messages[1].content == "Hi"
     Dataset.from_list([ALPACA]).save_to_disk(str(tmp_path / "ds"))
     assert read_conversations(tmp_path / "ds")[0][0].messages[1].content == "5"
@@ -83,4 +83,10 @@ def test_missing_file_and_builtin_data(tmp_path):
     with pytest.raises(DataError, match="builtin:nope: nothing built in is named 'nope'"):
         read_conversations("builtin:nope")
     convs, report = read_conversations("builtin:corral_identity")
-    assert report.kept >= 200 and sum(len(c.turns) > 2 for c in convs) >= 20
+    # Counted from the shipped file itself: every record kept, each conversation with all its turns.
+    from tests.conftest import IDENTITY
+
+    records = [json.loads(line) for line in IDENTITY.read_text().splitlines()]
+    assert report.kept == report.total == len(records) == 258
+    assert [len(c.turns) for c in convs] == [len(r["conversations"]) for r in records]
+    assert sum(len(r["conversations"]) > 2 for r in records) == 61  # multi-turn conversations are in it

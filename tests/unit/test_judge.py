@@ -231,8 +231,8 @@ def test_grading_single_pairwise_relative_and_report(tmp_path, judge_server):
     assert report["single"]["good"]["mean"] == 9.0 and report["single"]["good"]["n"] == 3
     assert report["single"]["good"]["unparseable"] == 1
     assert report["single"]["bad"]["mean"] == 2.0 and report["single"]["bad"]["categories"]["math"] == 2.0
-    lo, hi = report["single"]["good"]["ci95"]
-    assert lo <= 9.0 <= hi
+    # every graded answer of a model got the same score, so every bootstrap mean is that score
+    assert report["single"]["good"]["ci95"] == (9.0, 9.0) and report["single"]["bad"]["ci95"] == (2.0, 2.0)
     # relative: 9s against 3s in both orders
     assert report["relative"]["good"]["relative"] == pytest.approx(3.0)
     pairwise = report["pairwise"]
@@ -244,7 +244,10 @@ def test_grading_single_pairwise_relative_and_report(tmp_path, judge_server):
 
     paths = write_report(tmp_path / "judgments", tmp_path, baseline="bad", rounds=100)
     page = paths["html"].read_text()
-    assert page.count("data:image/png;base64,") == 2 and "<table>" in page
+    assert page.count("data:image/png;base64,") == 2
+    single = next(t for t in html_tables(page) if t[0][0] == "model" and t[0][1] == "mean")
+    assert single[0] == ["model", "mean", "95% CI", "turn 1", "turn 2", "graded", "unparseable"]
+    assert single[1][:2] == ["good", "9.00"] and single[2][:2] == ["bad", "2.00"]
     assert "| good | 9.00 |" in paths["markdown"].read_text()
     assert json.loads(paths["json"].read_text())["single"]["good"]["mean"] == 9.0
 
@@ -253,6 +256,57 @@ def test_grading_single_pairwise_relative_and_report(tmp_path, judge_server):
     custom.write_text((ROOT / "corral/eval/prompts/judge_prompts.yaml").read_text().replace("strict, fair", "careful"))
     _, result = _grade(judge_server, tmp_path, "single", ["good", "bad"], prompts=custom)
     assert (result.asked, result.cached) == (8, 0)
+
+
+def html_tables(page: str) -> list[list[list[str]]]:
+    """Every <table> of an HTML page as rows of cell texts (header row first)."""
+    from html.parser import HTMLParser
+
+    tables: list = []
+
+    class Cells(HTMLParser):
+        cell: list | None = None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "table":
+                tables.append([])
+            elif tag == "tr":
+                tables[-1].append([])
+            elif tag in ("td", "th"):
+                self.cell = []
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th"):
+                tables[-1][-1].append("".join(self.cell).strip())
+                self.cell = None
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell.append(data)
+
+    Cells().feed(page)
+    return tables
+
+
+def test_report_page_is_markdown_rendered_self_contained(tmp_path):
+    from corral.eval.report import markdown_page
+
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "sft.png").write_bytes(b"\x89PNG fake")
+    markdown = ("# Report\n\nModel `m` said <script>alert(1)</script>\n\n"
+                "| stage | minutes |\n|---|---:|\n| sft | 2.9 |\n| a \\| b | 1.0 |\n\n"
+                "## Stage (sft/)\n\n![sft curves](figures/sft.png)\n\n- (score 0.50) Who? => I am <|im_end|>\n")
+    page = markdown_page("Corral <test>", markdown, images_dir=tmp_path,
+                         trailing_images=[("Extra", "extra", "QUJD")])
+    assert page.startswith("<!doctype html>") and "<title>Corral &lt;test&gt;</title>" in page
+    assert html_tables(page) == [[["stage", "minutes"], ["sft", "2.9"], ["a | b", "1.0"]]]
+    assert "<h1>Report</h1>" in page and "<h2>Stage (sft/)</h2>" in page and "<code>m</code>" in page
+    # raw HTML from model text is shown, never run
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<li>(score 0.50) Who? =&gt; I am &lt;|im_end|&gt;</li>" in page
+    # the figure is inlined (the page opens anywhere), and nothing points at the file
+    assert 'src="data:image/png;base64,iVBORyBmYWtl"' in page and "figures/sft.png" not in page
+    assert page.count("data:image/png;base64,") == 2 and "<h2>Extra</h2>" in page
 
 
 @pytest.mark.parametrize("status", [429, 503])
@@ -344,7 +398,8 @@ def test_api_answers_see_their_own_first_turn(tmp_path):
 
 def test_local_answers_batched_through_the_engine(tiny_model_dir, tmp_path):
     from corral.chat.templates import get_template
-    from corral.generate.engine import TransformersEngine, generate_replies
+    from corral.generate.chat import generate_replies
+    from corral.generate.engine import TransformersEngine
     from corral.models.load import load_model, load_tokenizer
     from corral.serve.backends import LocalBackend
     from corral.chat.conversation import Conversation

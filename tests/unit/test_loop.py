@@ -1,6 +1,7 @@
 """The training loop's invariants: accumulation, token normalisation, optimizers, schedule, outputs."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from corral.config import TrainConfig
 from corral.data.clean import conversations_to_samples
 from corral.data.pack import collate, single_rows
 from corral.recipes.sft import sft_loss
-from corral.train.loop import StepPlan, make_accelerator, train
+from corral.train.harness import make_accelerator
+from corral.train.loop import StepPlan, train
 from corral.train.optim import Lion, make_optimizer
 from tests.conftest import build_model
 
@@ -70,7 +72,13 @@ def test_metrics_and_loss_curve_are_written(tiny_tokenizer, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "seen_tokens", "elapsed_s"):
         assert all(key in r for r in rows), key
-    assert rows[2]["seen_tokens"] > rows[0]["seen_tokens"]
+    # Each step's counts are those of its rows (the plan's seeded order; default seed 42), the lr the constant one.
+    data, plan = rows_for(tiny_tokenizer), StepPlan(8, batch_size=2, grad_accum=1, world_size=1, seed=42)
+    step_rows = [[data[i] for i in plan.step_rows(s)] for s in range(3)]
+    assert [r["target_tokens"] for r in rows] == [sum(x.num_targets for x in rs) for rs in step_rows]
+    tokens = [sum(len(x.input_ids) for x in rs) for rs in step_rows]
+    assert [r["seen_tokens"] for r in rows] == [sum(tokens[: s + 1]) for s in range(3)]
+    assert [r["lr"] for r in rows] == [1e-2] * 3
     assert (tmp_path / "m" / "loss.png").read_bytes()[:4] == b"\x89PNG"
     kept = sorted(p.name for p in (tmp_path / "m" / "checkpoints").iterdir())
     assert kept == ["step-000002", "step-000003"]  # save_total_limit=2 keeps the newest
@@ -88,9 +96,19 @@ def test_lion_keeps_one_state_and_moves_by_sign():
 
 
 def test_lion_trains_the_loop(tiny_tokenizer, tmp_path):
-    _, result = run_steps(tiny_tokenizer, tmp_path, "lion", steps=6, batch_size=8, optimizer="lion")
+    # Lion moves every weight by exactly lr per step (the sign of its momentum mix; no weight decay here): after
+    # 5 steps each one is an odd multiple of lr away from its start. Adam or SGD in its place would not be.
+    start = build_model(len(tiny_tokenizer))  # the weights run_steps starts from (same seed)
+    model, result = run_steps(tiny_tokenizer, tmp_path, "lion", steps=5, batch_size=8, optimizer="lion")
+    for (name, before), after in zip(start.named_parameters(), model.parameters()):
+        moves = (after.detach() - before.detach()) / 1e-2
+        assert torch.allclose(moves, moves.round(), atol=1e-3), name
+        assert (moves.round().abs() % 2 == 1).all(), name
+    # One step is all 8 rows: its loss is the starting model's mean token loss over them.
     rows = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
-    assert rows[-1]["loss"] < rows[0]["loss"]
+    with torch.no_grad():
+        total, count = sft_loss(start.eval(), collate(rows_for(tiny_tokenizer), tiny_tokenizer.pad_token_id))
+    assert rows[0]["loss"] == pytest.approx(total.item() / count, rel=1e-5)
 
 
 def test_cosine_schedule_warms_up_and_decays(tiny_tokenizer, tmp_path):
@@ -103,4 +121,7 @@ def test_cosine_schedule_warms_up_and_decays(tiny_tokenizer, tmp_path):
         accelerator=make_accelerator("no"),
     )  # fmt: skip
     lrs = [json.loads(line)["lr"] for line in result.metrics_path.read_text().splitlines()]
-    assert lrs[0] < lrs[1] == pytest.approx(1e-3) and lrs[-1] < lrs[4] < lrs[2]
+    # Logged after each step's schedule step s = 1..10: linear warmup over round(0.2 * 10) = 2 steps, then
+    # half a cosine from the peak down to 0 over the remaining 8.
+    expected = [1e-3 * s / 2 if s < 2 else 1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(1, 11)]
+    assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-15)

@@ -14,7 +14,7 @@ def test_local_folder_loads_in_float32_on_cpu(tiny_model_dir):
     assert next(model.parameters()).dtype == torch.float32
     assert model.config._attn_implementation == "sdpa"
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert load_tokenizer(str(tiny_model_dir)).pad_token is not None
+    assert load_tokenizer(str(tiny_model_dir)).pad_token == "</s>"  # the tiny tokenizer's own (conftest)
 
 
 def test_missing_path_says_what_was_tried(tmp_path):

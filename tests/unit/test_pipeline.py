@@ -8,9 +8,9 @@ import json
 import pytest
 import yaml
 
-from corral.config import ConfigError, PipelineConfig, load_config
+from corral.config import ConfigError, load_config
 from corral.data.formats import DataError
-from corral.recipes.pipeline import MARKER, run
+from corral.recipes.pipeline import MARKER, PipelineConfig, run
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 TRAIN = {"max_steps": 2, "batch_size": 2, "max_len": 256, "lr": 1e-3}
@@ -22,8 +22,8 @@ def tiny_pipeline(tmp_path, model_dir, **overrides) -> PipelineConfig:
         "output_dir": str(tmp_path / "run"), "model": str(model_dir), "data": {"split": "2,4,4"},
         "sft": {"data": {"path": "builtin:corral_identity", "eval_fraction": 0.05}, "train": TRAIN, "lora": LORA},
         "reward": {"data": {"path": "builtin:corral_preferences"}, "train": TRAIN, "lora": LORA},
-        "ppo": {"steps": 2, "prompts_per_step": 2, "max_new_tokens": 4, "minibatch": 2, "sample_every": 1,
-                "lr": 1e-3, "data": {"path": "builtin:corral_identity"}, "lora": LORA},
+        "ppo": {"steps": 2, "rollout": {"prompts_per_step": 2, "max_new_tokens": 4, "sample_every": 1},
+                "update": {"minibatch": 2}, "actor": {"lr": 1e-3}, "data": {"path": "builtin:corral_identity"}, "lora": LORA},
         "dpo": {"data": {"path": "builtin:corral_preferences"}, "train": TRAIN, "lora": LORA},
     }  # fmt: skip
     path = tmp_path / "pipeline.yaml"
@@ -61,11 +61,13 @@ def test_pipeline_fails_in_ppo_resumes_there_skips_finished_stages_and_runs_dpo(
     for stage in ("sft", "reward", "ppo"):
         marker = json.loads((out / stage / MARKER).read_text())
         assert marker["stage"] == stage and marker["config"]["output_dir"] == str(out / stage)
-    assert fixed["stages"]["reward"]["eval"]["pairs"] > 0
+    # the reward model's held-out pairs: 10% (its data's eval_fraction) of its 103-record part, round(10.3)
+    assert fixed["stages"]["reward"]["eval"]["pairs"] == 10
     page = (out / "report.html").read_text()
     for heading in ("<h2>Supervised fine-tuning (sft/)</h2>", "<h2>Reward model (reward/)</h2>", "<h2>PPO (ppo/)</h2>"):
         assert heading in page
-    assert page.count("data:image/png;base64,") == 3 and "held-out accuracy" in page
+    assert page.count("data:image/png;base64,") == 3 and "figures/" not in page  # curves inlined
+    assert "<td>held-out accuracy</td>" in page and "<th>stage</th>" in page  # Markdown tables as HTML tables
     assert "Replies at PPO step 1" in page and "Replies at PPO step 2" in page
     assert "![ppo curves](figures/ppo.png)" in (out / "report.md").read_text()
 
@@ -84,7 +86,7 @@ def test_pipeline_fails_in_ppo_resumes_there_skips_finished_stages_and_runs_dpo(
     assert dpo["ran"] == ["dpo"] and dpo["skipped"] == ["sft"]
     assert (out / "sft" / "merged" / "config.json").is_file()  # DPO starts from the SFT adapter merged in
     assert yaml.safe_load((out / "dpo" / "config.yaml").read_text())["model"] == str(out / "sft" / "merged")
-    assert dpo["stages"]["dpo"]["eval"]["after"]["pairs"] > 0
+    assert dpo["stages"]["dpo"]["eval"]["after"]["pairs"] == 10  # DPO takes the reward model's part: 10% of 103
     page = (out / "report.html").read_text()
     assert "<h2>DPO (dpo/)</h2>" in page and "<h2>PPO" not in page and page.count("data:image/png;base64,") == 2
 

@@ -15,14 +15,14 @@ from corral.train.ppo.rollout import batch_tensors, reply_logprobs, sample_repli
 
 def test_rollout_logprobs_match_a_plain_forward(tiny_model_dir):
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    fmt = get_template("auto", tokenizer)
+    template = get_template("auto", tokenizer)
     model = load_model(str(tiny_model_dir))
     model.train()
     engine = TransformersEngine(model, tokenizer)
     prompts = [Conversation.from_pairs(("user", "Who are you?")), Conversation.from_pairs(("user", "Hi"))]
-    samples = sample_replies(engine, fmt, prompts, SamplingParams(max_new_tokens=6, temperature=1.0, seed=3), k=3)
+    samples = sample_replies(engine, template, prompts, SamplingParams(max_new_tokens=6, temperature=1.0, seed=3), k=3)
     assert model.training  # the rollout gave the model back in train mode
-    assert len(samples) == 6 and samples.prompt_ids[0] == samples.prompt_ids[2] == fmt.render(prompts[0])
+    assert len(samples) == 6 and samples.prompt_ids[0] == samples.prompt_ids[2] == template.render(prompts[0])
     assert all(1 <= len(r) <= 6 for r in samples.reply_ids)
 
     model.eval()
@@ -38,7 +38,7 @@ def test_rollout_logprobs_match_a_plain_forward(tiny_model_dir):
             assert torch.all(logp[b, n:] == 0) and torch.all(entropy[b, n:] == 0)
             assert torch.all(entropy[b, :n] > 0)
 
-    greedy = sample_replies(engine, fmt, prompts[:1], SamplingParams(max_new_tokens=5), k=1)
+    greedy = sample_replies(engine, template, prompts[:1], SamplingParams(max_new_tokens=5), k=1)
     ids, attention, reply_mask, start = batch_tensors(greedy.prompt_ids, greedy.reply_ids, engine.pad_id)
     with torch.no_grad():
         full = model(ids).logits[0].float().log_softmax(-1)

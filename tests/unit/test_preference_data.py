@@ -48,7 +48,7 @@ def test_identical_pairs_and_arena_ties_are_dropped_and_counted(tmp_path):
 
 
 def test_arena_votes_from_the_server_are_readable(tmp_path):
-    from corral.serve.api import vote_record
+    from corral.serve.serving import vote_record
     from corral.serve.protocol import Vote
 
     votes = [Vote(prompt="hi", model_a="m1", model_b="m2", reply_a="A!", reply_b="B!", vote=v) for v in ("b", "both_bad")]
@@ -133,4 +133,4 @@ def test_sft_recipe_reads_a_mixture(tmp_path, tiny_model_dir):
                     data={"sources": [{"path": "builtin:corral_identity", "count": 12}], "split": "1,1", "split_stage": 1},
                     train={"max_steps": 1, "batch_size": 2, "max_len": 128, "resume": "never"})  # fmt: skip
     result = sft.run(cfg)
-    assert result.train.steps == 1
+    assert result.summary["steps"] == 1

@@ -14,13 +14,13 @@ KILLER = textwrap.dedent("""
     from corral.cli import main
     kill_at = int(sys.argv[1])
     original = ck.save_checkpoint
-    def save_then_maybe_die(accelerator, model, save_model, step, output_dir, *args, **kwargs):
+    def save_then_maybe_die(accelerator, step, output_dir, *args, **kwargs):
         if step == kill_at:
             staging = ck.checkpoints_dir(output_dir) / f"step-{step:06d}.tmp"
             staging.mkdir(parents=True, exist_ok=True)
             (staging / "half-written").write_text("x")
             os.kill(os.getpid(), signal.SIGKILL)
-        return original(accelerator, model, save_model, step, output_dir, *args, **kwargs)
+        return original(accelerator, step, output_dir, *args, **kwargs)
     ck.save_checkpoint = save_then_maybe_die
     sys.exit(main(sys.argv[2:]))
 """)

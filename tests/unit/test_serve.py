@@ -42,15 +42,16 @@ def test_models_and_health(server, client):
 def test_chat_matches_local_engine_and_reports_usage(client, tiny_model_dir, tiny_tokenizer):
     from corral.chat.conversation import Conversation
     from corral.chat.templates import get_template
-    from corral.generate.engine import TransformersEngine, with_template_stops
+    from corral.generate.chat import with_template_stops
+    from corral.generate.engine import TransformersEngine
     from corral.generate.sampling import SamplingParams
     from corral.models.load import load_model
 
     reply = ask(client, "Who are you?", max_tokens=12)
-    fmt = get_template("auto", tiny_tokenizer)
-    prompt = fmt.render(Conversation.from_pairs(("user", "Who are you?")))
+    template = get_template("auto", tiny_tokenizer)
+    prompt = template.render(Conversation.from_pairs(("user", "Who are you?")))
     engine = TransformersEngine(load_model(str(tiny_model_dir)), tiny_tokenizer)
-    (local,), = engine.generate([prompt], with_template_stops(SamplingParams(max_new_tokens=12), fmt))
+    (local,), = engine.generate([prompt], with_template_stops(SamplingParams(max_new_tokens=12), template))
     assert reply.choices[0].message.content == local.text
     assert reply.choices[0].finish_reason == local.finish_reason
     assert reply.usage.prompt_tokens == len(prompt)
@@ -108,16 +109,17 @@ def test_stop_strings_and_n_with_seed(client):
 def test_lora_adapter_served_beside_its_base(client, tiny_lora_dir, tiny_tokenizer):
     from corral.chat.conversation import Conversation
     from corral.chat.templates import get_template
-    from corral.generate.engine import TransformersEngine, with_template_stops
+    from corral.generate.chat import with_template_stops
+    from corral.generate.engine import TransformersEngine
     from corral.generate.sampling import SamplingParams
     from corral.models.load import load_model
 
     tuned = ask(client, "Who are you?", model="tuned", max_tokens=12).choices[0].message.content
     base = ask(client, "Who are you?", model="tiny", max_tokens=12).choices[0].message.content
-    fmt = get_template("auto", tiny_tokenizer)
+    template = get_template("auto", tiny_tokenizer)
     engine = TransformersEngine(load_model(str(tiny_lora_dir)), tiny_tokenizer)
-    prompt = fmt.render(Conversation.from_pairs(("user", "Who are you?")))
-    (local,), = engine.generate([prompt], with_template_stops(SamplingParams(max_new_tokens=12), fmt))
+    prompt = template.render(Conversation.from_pairs(("user", "Who are you?")))
+    (local,), = engine.generate([prompt], with_template_stops(SamplingParams(max_new_tokens=12), template))
     assert tuned == local.text != base
 
 
@@ -143,6 +145,58 @@ def test_openai_errors(server, client):
     assert httpx.get(server.url + "/v1/models", headers={"Authorization": f"bearer {KEY}"}).status_code == 200
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny"}, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_a_sampling_value_the_engine_refuses_is_a_400_naming_it(client):
+    # Within the wire format's limits but out of the sampler's: its SamplingError names the field.
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, "hi", seed=2**64)
+    assert e.value.status_code == 400 and e.value.body["param"] == "seed"
+    assert e.value.body["message"].startswith("seed: ")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2, n=2, seed=2**64 - 1)
+    assert e.value.body["param"] == "seed"
+
+
+def test_the_handlers_answer_without_http(tiny_model_dir, tiny_tokenizer):
+    """`serve/serving.py` is plain async functions: called here directly, on an engine in this process."""
+    import asyncio
+    from dataclasses import replace
+
+    from corral.chat.conversation import Conversation
+    from corral.chat.templates import get_template
+    from corral.generate.chat import generate_replies
+    from corral.generate.engine import TransformersEngine
+    from corral.generate.sampling import SamplingParams
+    from corral.models.load import load_model
+    from corral.serve import serving
+    from corral.serve.models import ServedModel
+    from corral.serve.protocol import APIError, ChatRequest
+
+    template = get_template("auto", tiny_tokenizer)
+    engine = TransformersEngine(load_model(str(tiny_model_dir)), tiny_tokenizer)
+    (expected,) = generate_replies(engine, template, [Conversation.from_pairs(("user", "Who are you?"))],
+                                   SamplingParams(max_new_tokens=8))
+    state = serving.Serving({"tiny": ServedModel("tiny", engine.start(), template, None, 0)})
+    req = ChatRequest(model="tiny", messages=[{"role": "user", "content": "Who are you?"}], temperature=0, max_tokens=8)
+
+    async def answers():
+        whole = await serving.chat_completions(state, req)
+        chunks = await serving.chat_completions(state, req.model_copy(update={"stream": True}))
+        streamed = [c async for c in chunks.bodies]
+        return whole, "".join(c["choices"][0]["delta"].get("content", "") for c in streamed if c["choices"])
+
+    try:
+        whole, streamed = asyncio.run(answers())
+        with pytest.raises(APIError) as e:
+            no_default = replace(state, default_max_tokens=0)  # a request without max_tokens gets 0 tokens
+            asyncio.run(serving.chat_completions(no_default, req.model_copy(update={"max_tokens": None})))
+    finally:
+        engine.close()
+    assert whole["object"] == "chat.completion" and whole["choices"][0]["message"]["content"].strip() == expected
+    assert streamed == whole["choices"][0]["message"]["content"]
+    assert e.value.status == 400 and e.value.param == "max_tokens"  # the engine's max_new_tokens, by its wire name
+    assert [m["id"] for m in serving.list_models(state)["data"]] == ["tiny"]
 
 
 def test_32_concurrent_streams_all_complete_with_single_request_outputs(client):

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
-                  total=None) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, total=None) -> torch.Tensor:
     """(x - mean) / std over the masked entries (unbiased variance); padding is left at 0.
     `total(t)` sums a tensor over processes when each holds a share of the rows (data parallel)."""
     total = total or (lambda t: t)
@@ -19,23 +18,20 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     n = total(mask.sum())
     mean = total((x * mask).sum()) / n.clamp(min=1)
     var = total((((x - mean) ** 2) * mask).sum()) / (n.clamp(min=2) - 1)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
+    return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
 def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
-                  kl_coef: float, clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  kl_coef: float, clip: float | None = None) -> torch.Tensor:
     """Per-token rewards: -kl_coef * (log pi - log pi_ref) on every reply token, plus the sequence score
-    (clipped to [-clip, clip] when given) on the last real token. Returns (rewards, kl), both (B, T)."""
+    (clipped to [-clip, clip] when given) on the last real token. Returns rewards (B, T)."""
     kl = (logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl
     if clip is not None:
         scores = scores.clamp(-clip, clip)
     last = (mask.sum(-1).long() - 1).clamp(min=0)
     rewards[torch.arange(len(scores)), last] += scores.to(rewards.dtype)
-    return rewards * mask, kl
+    return rewards * mask
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
@@ -74,11 +70,10 @@ class KLController:
     def __init__(self, coef: float, target: float | None = None, horizon: int = 10000):
         self.value, self.target, self.horizon = coef, target, horizon
 
-    def update(self, current_kl: float, n_steps: int) -> float:
+    def update(self, current_kl: float, n_steps: int) -> None:
         if self.target:
             error = min(max(current_kl / self.target - 1, -0.2), 0.2)
             self.value *= 1 + error * n_steps / self.horizon
-        return self.value
 
     def state_dict(self) -> dict:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}

@@ -3,6 +3,9 @@ shadow = decay * shadow + (1 - decay) * weight after each optimizer step, kept i
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 
@@ -24,6 +27,19 @@ class EMA:
         for name, param in model.named_parameters():
             if name in self.shadow:
                 param.copy_(self.shadow[name].to(param.dtype))
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """The model with the EMA weights in place of its own, restored (exactly) on leaving."""
+        live = {n: p.detach().clone() for n, p in model.named_parameters() if n in self.shadow}
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name in live:
+                        param.copy_(live[name])
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": self.shadow}

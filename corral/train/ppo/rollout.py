@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 from corral.chat.conversation import Conversation
-from corral.generate.engine import with_template_stops
+from corral.generate.chat import ChatTemplate, with_template_stops
 from corral.generate.sampling import SamplingParams
+from corral.generate.types import Engine
 from corral.models.forward import final_hidden, output_head
 from corral.train.losses import entropy_from_logprobs
 
@@ -34,14 +35,14 @@ class Samples:
         return len(self.reply_ids)
 
 
-def sample_replies(engine, fmt, prompts: list[Conversation], params: SamplingParams, k: int = 1,
-                   seeds: list[int] | None = None, adapter: str | None = None) -> Samples:
+def sample_replies(engine: Engine, template: ChatTemplate, prompts: list[Conversation], params: SamplingParams,
+                   k: int = 1, seeds: list[int] | None = None, adapter: str | None = None) -> Samples:
     """k sampled replies per prompt conversation (each ending with a user turn). `seeds`, one per prompt,
     make each prompt's replies independent of what else is in the batch (and of the process it ran on)."""
     from dataclasses import replace
 
-    params = replace(with_template_stops(params, fmt), n=k)
-    prompt_ids = [fmt.render(c) for c in prompts]
+    params = replace(with_template_stops(params, template), n=k)
+    prompt_ids = [template.render(c) for c in prompts]
     per_prompt = [replace(params, seed=s) for s in seeds] if seeds is not None else params
     results = engine.generate(prompt_ids, per_prompt, adapter)
     out = Samples([], [], [], [], k, list(prompts))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -30,7 +31,6 @@ class PPOSettings:
     reward_clip: float | None = 10.0
     whiten: bool = True
     entropy_coef: float = 0.0
-    max_grad_norm: float = 1.0
 
 
 @dataclass
@@ -75,7 +75,7 @@ def compute_advantages(rows: torch.Tensor, old_logp, ref_logp, scores, mask, n: 
     if settings.advantage == "gae":
         if values is None:
             raise ValueError("advantage=gae needs a critic")
-        rewards, _ = token_rewards(scores, old_logp, ref_logp, mask, kl_coef, settings.reward_clip)
+        rewards = token_rewards(scores, old_logp, ref_logp, mask, kl_coef, settings.reward_clip)
         advantages, returns = gae(rewards, values, mask, settings.gamma, settings.lam)
     else:
         clipped = scores.clamp(-settings.reward_clip, settings.reward_clip) if settings.reward_clip else scores
@@ -124,10 +124,14 @@ def make_experience(actor, samples: Samples, scores: torch.Tensor, kl: KLControl
                       values, stats)  # fmt: skip
 
 
-def ppo_update(actor, optimizer, exp: Experience, settings: PPOSettings, critic=None, critic_optimizer=None,
-               ptx_fn=None, ptx_coef: float = 0.0, generator: torch.Generator | None = None,
-               accelerator=None) -> dict:
+def ppo_update(actor, actor_step: Callable[[], float], exp: Experience, settings: PPOSettings, critic=None,
+               critic_step: Callable[[], float] | None = None, ptx_fn=None, ptx_coef: float = 0.0,
+               generator: torch.Generator | None = None, accelerator=None) -> dict:
     """`settings.epochs` passes over the experience in shuffled mini-batches; one optimizer step each.
+
+    `actor_step()` / `critic_step()` clip, step the optimizer and its schedule, zero the gradients and return the
+    gradient norm (the harness's `Trained.step`): the update owns the losses and backward passes, not the
+    optimizers.
 
     Data parallel: every process holds the whole experience and takes every world-th row of each
     mini-batch; losses are divided by the whole mini-batch's token count, so the processes' gradients
@@ -138,9 +142,6 @@ def ppo_update(actor, optimizer, exp: Experience, settings: PPOSettings, critic=
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     backward = accelerator.backward if accelerator else torch.Tensor.backward
     no_sync = accelerator.no_sync if accelerator and world > 1 else (lambda model: nullcontext())
-    clip_norm = accelerator.clip_grad_norm_ if accelerator else torch.nn.utils.clip_grad_norm_
-    actor_params = [p for p in actor.parameters() if p.requires_grad]
-    critic_params = [p for p in critic.parameters() if p.requires_grad] if critic is not None else []
     n = exp.input_ids.shape[0]
     if exp.old_logprobs is None and not on_policy(settings, n):
         raise ValueError("the experience left its old log-probs to the update, which takes more than one step")
@@ -186,7 +187,6 @@ def ppo_update(actor, optimizer, exp: Experience, settings: PPOSettings, critic=
             stats["entropy"] = mean_entropy.item()
             if settings.entropy_coef:
                 loss = loss - settings.entropy_coef * mean_entropy
-            optimizer.zero_grad(set_to_none=True)
             # DDP averages gradients over processes; each process's loss is its share of the sum: scale back.
             if ptx_fn is not None and ptx_coef:
                 with no_sync(actor):  # the gradients are reduced once, after the ptx backward below
@@ -197,16 +197,13 @@ def ppo_update(actor, optimizer, exp: Experience, settings: PPOSettings, critic=
                 stats["ptx_loss"] = ptx_loss.item()
             else:
                 backward(loss * world)
-            stats["grad_norm"] = float(clip_norm(actor_params, settings.max_grad_norm)) / world  # same everywhere
-            optimizer.step()
+            stats["grad_norm"] = actor_step() / world  # the same on every process: the sum over them is right
             if with_critic:
                 if values is None:
                     values = critic(exp.input_ids[idx], exp.attention_mask[idx], mask, exp.reply_start[idx])
                 vloss, vstats = ppo_value_loss(values, old_values, returns, mask, settings.value_clip, tokens)
-                critic_optimizer.zero_grad(set_to_none=True)
                 backward(vloss * world)
-                clip_norm(critic_params, settings.max_grad_norm)
-                critic_optimizer.step()
+                critic_step()
                 stats |= {"value_loss": vloss.item(), **vstats}
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value
