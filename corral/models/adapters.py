@@ -43,16 +43,28 @@ def uses_prefix(model) -> bool:
 
 
 def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, dtype: str = "auto") -> Path:
-    """Fold a LoRA adapter into its base and write a plain HF folder (as Alpaca-LoRA's export did)."""
+    """Fold a LoRA adapter into its base and write a plain HF folder (as Alpaca-LoRA's export did).
+
+    A QLoRA adapter is a LoRA adapter too: its base is loaded unquantized, in `dtype`, and the adapter folded into
+    those weights (folding it into 4-bit weights would round most of it away). The result is close to, not equal
+    to, the 4-bit model with its adapter, which saw the base through NF4 rounding. Prompt-learning adapters (prefix
+    tuning, prompt tuning, p-tuning) are refused before anything is loaded: they train virtual tokens, not weights."""
+    from peft import PeftConfig
+
     from corral.models.load import load_model, load_tokenizer, save_model
 
-    model = load_model(str(adapter_dir), dtype=dtype, device="cpu")
-    if not is_adapter(model):
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise ValueError(f"{adapter_dir} is not a peft adapter folder (no adapter_config.json)")
-    if uses_prefix(model):
-        raise ValueError(f"{adapter_dir} is a prefix-tuning adapter: it has no weights to fold into the base")
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    if config.is_prompt_learning:
+        kind = "a prefix-tuning" if config.peft_type.value == "PREFIX_TUNING" else f"a {config.peft_type.value}"
+        raise ValueError(f"{adapter_dir} is {kind} adapter: it trains virtual tokens fed to the model (a prefix, a "
+                         "cache), not weights, so there is nothing to fold into the base; serve it as an adapter")
+    model = load_model(str(adapter_dir), dtype=dtype, device="cpu")  # never quantized: see above
     merged = model.merge_and_unload()
-    card = {"title": f"Corral merge of {adapter_dir}", "recipe": "corral merge", "adapter": str(adapter_dir)}
+    weights = str(next(merged.parameters()).dtype).removeprefix("torch.")
+    card = {"title": f"Corral merge of {adapter_dir}", "recipe": "corral merge", "adapter": str(adapter_dir),
+            "method": f"{config.peft_type.value} adapter merged into its unquantized base ({weights})"}
     # template None: the adapter folder's tokenizer already carries the template it was trained with.
     return save_model(merged, load_tokenizer(str(adapter_dir)), None, output_dir, card=card)
 

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from corral.atomic import atomic_dir
-from corral.models.embedded import EMBEDDED, cache_dir, embedded_gguf
+from corral.models.embedded import EMBEDDED, cache_dir, embedded_folder, embedded_for, embedded_gguf, is_installed
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +103,28 @@ def _gguf_cache_folder(gguf_path: Path) -> Path:
     return cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
 
 
+def hub_name(name_or_path: str | Path) -> str:
+    """The name another machine can load: the embedded model, by any of its names (its cache folder among
+    them), is its hub id; anything else is returned as it is. Saved adapters and model cards use it."""
+    known = embedded_for(name_or_path)
+    return known.hub_id if known else str(name_or_path)
+
+
 def resolve_model(name: str) -> ResolvedModel:
-    """Turn what the user wrote into a loadable folder or hub id, converting GGUF files on the way."""
+    """Turn what the user wrote into a loadable folder or hub id, converting GGUF files on the way.
+
+    The embedded model's hub id resolves to its local conversion when its package is installed (never to the
+    hub): adapters Corral saves name their base by that hub id, and must load here as they did before."""
+    path = Path(name).expanduser()
+    known = embedded_for(name)
+    if known is not None and name == known.hub_id and not path.is_dir() and is_installed(known.name):
+        name = known.name
     if name in EMBEDDED:
         try:
             gguf = embedded_gguf(name)
         except FileNotFoundError as e:
             raise ModelLoadError(str(e)) from None
-        return ResolvedModel(str(convert_gguf(gguf, cache_dir() / "models" / name)))
-    path = Path(name).expanduser()
+        return ResolvedModel(str(convert_gguf(gguf, embedded_folder(name))))
     if name.endswith(".gguf"):
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {name} does not exist")
@@ -207,13 +220,15 @@ def load_model(
 def save_model(model, tokenizer, template, folder: str | Path, card: dict | None = None) -> Path:
     """Write `model` as a standard folder, atomically: a peft adapter or a full safetensors HF model, the
     tokenizer with `template`'s Jinja as its chat_template (so plain transformers and vLLM prompt as Corral
-    trained; None keeps the tokenizer's), and a model card (README.md) from `card` (what made it)."""
+    trained; None keeps the tokenizer's), and a model card (README.md) from `card` (what made it, see
+    `model_card`). An adapter names its base by `hub_name`, so the folder still finds it on another machine."""
     from corral.models.forward import unwrap
 
     model = unwrap(model)
     saved_template = tokenizer.chat_template
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        _name_bases_portably(tmp)
         if template is not None and getattr(template, "chat_template_jinja", None):
             tokenizer.chat_template = template.chat_template_jinja
         try:
@@ -224,31 +239,107 @@ def save_model(model, tokenizer, template, folder: str | Path, card: dict | None
     return Path(folder)
 
 
+def _name_bases_portably(folder: Path) -> None:
+    """peft writes the base as it was loaded: for the embedded model, a path in this machine's cache."""
+    for config_path in folder.rglob("adapter_config.json"):  # one per adapter (a second one sits in a subfolder)
+        config = json.loads(config_path.read_text())
+        base = config.get("base_model_name_or_path")
+        if base and hub_name(base) != base:
+            config["base_model_name_or_path"] = hub_name(base)
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+_COMMAND: list[str] = []  # the corral command line now running, set by the CLI
+
+
+@contextlib.contextmanager
+def running_command(argv: list[str]):
+    """While the CLI runs a recipe, model cards record its command line (`corral sft --data ...`; not argv[0],
+    a path on this machine)."""
+    _COMMAND.append(" ".join(argv))
+    try:
+        yield
+    finally:
+        _COMMAND.pop()
+
+
 def model_card(model, template, card: dict) -> str:
-    """A short Hugging Face model card: front matter the hub reads, and how to load the folder."""
+    """The model card of a saved model or adapter (`card_text`), its base, library and loading code taken from
+    `model` itself."""
     from corral.models.adapters import is_adapter
 
     adapter = is_adapter(model)
     config = model.peft_config["default"] if adapter else None
     base = getattr(config, "base_model_name_or_path", None) or getattr(model.config, "_name_or_path", "") or ""
-    meta = {"library_name": "peft" if adapter else "transformers", "tags": ["corral", *card.get("tags", [])]}
-    if base:
-        meta["base_model"] = base
-    lines = ["---", *(f"{k}: {json.dumps(v)}" for k, v in meta.items()), "---", "",
-             f"# {card.get('title', 'Corral model')}", ""]  # fmt: skip
-    lines += [f"- {key}: {value}" for key, value in card.items() if key not in ("title", "tags")]
-    if template is not None:
-        lines.append(f"- chat template: `{template.name}` (saved as the tokenizer's chat_template)")
     inner = model.get_base_model() if adapter else model
     kind = "SequenceClassification" if type(inner).__name__.endswith("ForSequenceClassification") else "CausalLM"
-    if adapter:
-        lines += ["", f"A peft adapter ({getattr(config, 'peft_type', '')}) over `{base}`:", "", "```python",
-                  f"from peft import AutoPeftModelFor{kind}", f"model = AutoPeftModelFor{kind}.from_pretrained(PATH)",
-                  "```"]  # fmt: skip
-    else:
-        lines += ["", "A full model:", "", "```python", f"from transformers import AutoModelFor{kind}",
-                  f"model = AutoModelFor{kind}.from_pretrained(PATH)", "```"]  # fmt: skip
-    return "\n".join(lines) + "\n"
+    usage = loading_code(kind, getattr(config, "peft_type", "") if adapter else None, base)
+    if template is not None:
+        card = {**card, "chat template": f"`{template.name}` (saved as the tokenizer's chat_template)"}
+    return card_text(card, base, "peft" if adapter else "transformers", usage)
+
+
+def loading_code(kind: str, peft_type: str | None = None, base: str = "") -> list[str]:
+    """The card's how-to-load lines: a full model (`peft_type` None) or a peft adapter over `base`."""
+    if peft_type is not None:
+        return [f"A peft adapter ({getattr(peft_type, 'value', peft_type)}) over `{hub_name(base)}`:", "", "```python",
+                f"from peft import AutoPeftModelFor{kind}", f"model = AutoPeftModelFor{kind}.from_pretrained(PATH)",
+                "```"]
+    return ["A full model:", "", "```python", f"from transformers import AutoModelFor{kind}",
+            f"model = AutoModelFor{kind}.from_pretrained(PATH)", "```"]  # fmt: skip
+
+
+def card_text(card: dict, base: str, library: str | None, usage: list[str]) -> str:
+    """A Hugging Face model card: the hub's YAML front matter (license when known, base_model by its hub id,
+    library_name, tags, datasets), then what made the folder, then `usage` (how to load it).
+
+    `card` keys: `title`, `tags`, `license` (default: the base's, see `base_license`), `datasets` (hub dataset
+    ids), `method`, `data` (what it was trained on: files, `builtin:NAME`), `metrics` (a dict), `command` (default:
+    the corral command line running, if any); any other key is listed as it is."""
+    card = dict(card)
+    command = card.pop("command", None) or (_COMMAND[-1] if _COMMAND else None)
+    metrics = {k: v for k, v in (card.pop("metrics", None) or {}).items() if v is not None}
+    base = hub_name(base) if base else ""
+    meta = {"license": card.pop("license", None) or (base_license(base) if base else None), "base_model": base,
+            "library_name": library, "tags": ["corral", *card.pop("tags", [])], "datasets": card.pop("datasets", None)}
+    lines = ["---", *(f"{k}: {json.dumps(v)}" for k, v in meta.items() if v), "---", "",
+             f"# {card.pop('title', 'Corral model')}", ""]  # fmt: skip
+    for key, value in card.items():
+        lines.append(f"- {key}: {', '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}")
+    if command:
+        lines.append(f"- made by: `{command}`")
+    if metrics:
+        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {f'{v:.6g}' if isinstance(v, float) else v} |" for k, v in metrics.items()]
+    return "\n".join([*lines, "", *usage]) + "\n"
+
+
+def base_license(name: str) -> str | None:
+    """The license of model `name` if something on this machine says it: the embedded registry, or the
+    `license:` of the model card in its folder (or in the hub cache, for a hub id; nothing is downloaded)."""
+    known = embedded_for(name)
+    if known is not None:
+        return known.license
+    readme = Path(name).expanduser() / "README.md"
+    if not readme.is_file() and name.count("/") == 1:
+        from huggingface_hub import try_to_load_from_cache
+
+        with contextlib.suppress(Exception):  # not a valid repo id after all: nothing known
+            cached = try_to_load_from_cache(name, "README.md")
+            readme = Path(cached) if isinstance(cached, str) else readme
+    if not readme.is_file():
+        return None
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return None
+    import yaml
+
+    try:
+        front = yaml.safe_load(text.split("---", 2)[1])
+    except yaml.YAMLError:
+        return None
+    value = front.get("license") if isinstance(front, dict) else None
+    return str(value) if value else None
 
 
 def quantization_config(bits: int, compute_dtype: torch.dtype):

@@ -1,4 +1,4 @@
-"""`corral merge`: fold a LoRA adapter into its base model and write a plain HF folder."""
+"""`corral merge`: fold a LoRA (or QLoRA) adapter into its base model and write a plain HF folder."""
 
 from __future__ import annotations
 
