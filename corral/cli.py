@@ -20,7 +20,12 @@ from corral.recipes.pipeline import PipelineConfig  # the pipeline's config live
 from corral.config import (
     ChatConfig,
     ConfigError,
+    DataCleanConfig,
+    DataStatsConfig,
+    DeltaApplyConfig,
+    DeltaMakeConfig,
     DPOConfig,
+    ExportGGUFConfig,
     InspectConfig,
     JudgeAnswerConfig,
     JudgeGradeConfig,
@@ -46,6 +51,7 @@ class Command:
     aliases: dict[str, str] = field(default_factory=dict)
     default_config: str | None = None  # shipped YAML applied before --config and overrides
     positional: str | None = None  # config key set by a bare positional argument
+    positional_many: bool = False  # every bare argument goes to `positional` (a list: `data clean A B`)
 
 
 COMMANDS: dict[str, Command] = {
@@ -63,6 +69,16 @@ COMMANDS: dict[str, Command] = {
         MergeConfig, "corral.recipes.merge:run",
         "fold a LoRA adapter into its base model and write a plain HF folder",
         aliases={"--output": "output_dir"}, positional="adapter",
+    ),
+    "delta make": Command(
+        DeltaMakeConfig, "corral.recipes.delta:make",
+        "publish a fine-tune as delta weights (target minus base) with a manifest that checks the base",
+        aliases={"--base": "base", "--target": "target", "--output": "output_dir"},
+    ),
+    "delta apply": Command(
+        DeltaApplyConfig, "corral.recipes.delta:apply",
+        "rebuild a model from its base and a delta folder (every tensor checked), as a plain HF folder",
+        aliases={"--base": "base", "--delta": "delta", "--output": "output_dir"},
     ),
     "reward": Command(
         RewardConfig, "corral.recipes.reward:run",
@@ -112,9 +128,24 @@ COMMANDS: dict[str, Command] = {
         JudgeReportConfig, "corral.recipes.judge:report",
         "scores with intervals, per category, relative scores, win rates, Elo: Markdown + HTML",
     ),
+    "export gguf": Command(
+        ExportGGUFConfig, "corral.recipes.export:gguf",
+        "a model folder or LoRA adapter as one GGUF file (llama.cpp, Ollama) with an Ollama Modelfile beside it",
+        positional="model",
+    ),
     "data inspect": Command(
         InspectConfig, "corral.recipes.data:run",
         "show samples as training renders them (trained tokens highlighted) and token counts",
+        aliases={"--data": "data.path"}, positional="data.path",
+    ),
+    "data clean": Command(
+        DataCleanConfig, "corral.recipes.data:clean",
+        "raw ShareGPT / OpenAI exports -> clean conversations: HTML, Unicode, roles, filters, language, dedup, split",
+        positional="inputs", positional_many=True,
+    ),
+    "data stats": Command(
+        DataStatsConfig, "corral.recipes.data:stats",
+        "counts, tokens, length histogram, near-duplicates and what max_len would split: Markdown + PNG",
         aliases={"--data": "data.path"}, positional="data.path",
     ),
 }  # fmt: skip
@@ -173,8 +204,8 @@ def parse_args(name: str, cmd: Command, args: list[str]) -> tuple[list[str], dic
         elif "=" in arg:
             key, _, value = arg.partition("=")
             _set_override(overrides, key, parse_value(value))
-        elif cmd.positional and cmd.positional not in overrides:
-            overrides[cmd.positional] = arg
+        elif cmd.positional and (cmd.positional not in overrides or cmd.positional_many):
+            _set_override(overrides, cmd.positional, arg)
         else:
             raise ConfigError(f"unexpected argument '{arg}' (overrides are key=value or --key value)")
         i += 1
@@ -231,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     if rest and f"{name} {rest[0]}" in COMMANDS:  # two-word commands (`data inspect`, `reward score`) first
         name, rest = f"{name} {rest[0]}", rest[1:]
     if name not in COMMANDS:
-        print(f"corral: unknown command '{' '.join(argv[:2]) if argv[0] in ('data', 'judge') else name}'\n\n{usage()}", file=sys.stderr)
+        group = any(c.startswith(f"{argv[0]} ") for c in COMMANDS)  # `corral delta mke`: name both words
+        print(f"corral: unknown command '{' '.join(argv[:2]) if group else name}'\n\n{usage()}", file=sys.stderr)
         return 2
     cmd = COMMANDS[name]
     if any(a in ("-h", "--help") for a in rest):
@@ -240,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from corral.chat.templates import TemplateError
     from corral.data.formats import DataError
-    from corral.models.load import ModelLoadError
+    from corral.models.load import ModelLoadError, running_command
 
     try:
         config = build_config(cmd, *parse_args(name, cmd, rest))
@@ -251,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     module_name, func = cmd.run.split(":")
     run = getattr(importlib.import_module(module_name), func)
     try:
-        run(config)
+        with running_command(["corral", *argv]):  # model cards record the command that made them
+            run(config)
     except (DataError, TemplateError, ModelLoadError, FileNotFoundError, ValueError) as e:
         print(f"corral {name}: error: {e}", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator)
 
 from corral.atomic import atomic_write_text
+from corral.export import K_QUANTS, WRITTEN_OUTTYPES
 
 EMBEDDED_MODEL = "smollm2-135m"
 
@@ -34,6 +35,8 @@ TemplateName = Annotated[str, Field(
     "tokenizer's own chat_template (a model Corral saved carries the template it was trained with).")]
 ModelName = Annotated[str, Field(
     description="Hub id, local HF folder, peft adapter folder, .gguf file, or `smollm2-135m` (the embedded model).")]
+ConversationFormat = Literal["auto", "sharegpt", "openai", "alpaca", "self_instruct"]
+Role = Literal["user", "assistant", "system"]
 
 
 def _merge_onto(default: dict, given: dict) -> dict:
@@ -82,7 +85,7 @@ class MixtureFields(Section):
 
 class DataConfig(MixtureFields):
     path: str = Field("", description="Conversation data: .json, .jsonl, .parquet file or a local `datasets` folder.")
-    format: Literal["auto", "sharegpt", "openai", "alpaca"] = Field(
+    format: ConversationFormat = Field(
         "auto", description="Record format; `auto` detects it per record from the fields present."
     )
     skip_invalid: bool = Field(False, description="Drop invalid records (counted and reported) instead of failing.")
@@ -198,12 +201,149 @@ class MergeConfig(Section):
     dtype: DType = "auto"
 
 
+ShardMB = Annotated[int, Field(ge=1, description="Largest weight file written, in MiB (a larger tensor gets a file of "
+                               "its own). Memory stays near one such file plus a block of rows, whatever the model's size.")]
+
+
+class DeltaMakeConfig(Section):
+    base: str = Field(..., description="The model the delta is taken against (hub id, local HF folder, .gguf file, "
+                      "`smollm2-135m`); whoever applies the delta needs it.")
+    target: str = Field(..., description="The fine-tuned model (hub id or HF folder, safetensors weights): the base's "
+                        "tensor names and shapes, or more vocabulary rows.")
+    output_dir: str = Field(..., description="Where the delta folder (weights, delta.json manifest, config, tokenizer, "
+                            "model card) is written.")
+    dtype: Literal["target", "float32", "bfloat16", "float16"] = Field(
+        "target", description="Storage dtype of the deltas. `target`: each tensor's own; float32 restores a float32 "
+        "target within 1 ulp; float16 halves that file and restores each weight within 1/2048 of its change.")
+    max_shard_mb: ShardMB = 500
+
+
+class DeltaApplyConfig(Section):
+    base: str = Field(..., description="The model the delta was made from (any name the loader takes); checked tensor "
+                      "by tensor against the delta's manifest.")
+    delta: str = Field(..., description="A delta folder written by `corral delta make`.")
+    output_dir: str = Field(..., description="Where the rebuilt model, a plain HF folder, is written.")
+    max_shard_mb: ShardMB = 500
+
+
 class InspectConfig(Section):
     model: str = Field(EMBEDDED_MODEL, description="Model whose tokenizer renders the samples.")
     template: TemplateName = "auto"
     data: DataConfig = DataConfig()
     max_len: int = Field(512, ge=8, description="Split conversations longer than this, as training does.")
     num_samples: int = Field(3, ge=0, description="How many rendered samples to print.")
+
+
+
+class NearDuplicateConfig(Section):
+    """Near-duplicates by MinHash over word shingles (datasketch), in `data clean` and `data stats`."""
+
+    enabled: bool = Field(True, description="Look for near-duplicate conversations.")
+    threshold: float = Field(0.85, gt=0, lt=1, description="Estimated Jaccard similarity of the shingle sets at "
+                             "which two conversations count as near-duplicates.")
+    num_perm: int = Field(128, ge=16, description="MinHash permutations (more: a closer estimate, slower).")
+    shingle_words: int = Field(5, ge=1, description="Words per shingle.")
+    max_words: int = Field(5000, ge=0, description="Only the first N words of a conversation are shingled (0: all).")
+
+
+class CleanHtmlConfig(Section):
+    enabled: bool = Field(True, description="Convert HTML messages (ShareGPT's raw dumps) to Markdown with "
+                          "markdownify, keeping code blocks and their language.")
+    roles: list[Role] = Field(["assistant"], description="Whose messages are converted (user turns in ShareGPT "
+                              "dumps are plain text; converting them would eat literal tags).")
+    debris: bool = Field(True, description="Remove ChatGPT-export debris: the 'Copy code' header in code blocks, "
+                         "a leading 'N / N' regeneration counter, 'CopyN chars / N words', empty code blocks.")
+
+
+class CleanTextConfig(Section):
+    unicode: bool = Field(True, description="Repair mojibake and broken Unicode with ftfy (quotes, full-width "
+                          "forms and HTML entities are left as they are).")
+    whitespace: bool = Field(True, description="Normalise whitespace: line ends, odd spaces, trailing spaces, at "
+                             "most one blank line outside code blocks.")
+    scrub_emails: bool = Field(False, description="Replace e-mail addresses with `email_placeholder`.")
+    scrub_phones: bool = Field(False, description="Replace phone numbers (digit groups with separators) with "
+                               "`phone_placeholder`.")
+    email_placeholder: str = Field("[EMAIL]", description="What replaces an e-mail address.")
+    phone_placeholder: str = Field("[PHONE]", description="What replaces a phone number.")
+
+
+class CleanRolesConfig(Section):
+    aliases: dict[str, Role] = Field(default_factory=dict, description="More role names, e.g. {model: assistant}, "
+                                     "besides human, user, gpt, assistant, chatgpt, bing, bard, system.")
+    drop_leading_assistant: bool = Field(True, description="Drop assistant turns before the first user turn.")
+    drop_trailing_user: bool = Field(True, description="Drop a user turn left without a reply at the end.")
+    merge_consecutive: bool = Field(True, description="Merge consecutive turns of the same role (blank line "
+                                    "between); without it such a conversation is rejected.")
+
+
+class CleanFiltersConfig(Section):
+    error_replies: list[str] = Field(
+        default_factory=lambda: ["Too many requests in 1 hour", "Too many requests, please slow down",
+                                 "network error", "An error occurred. If this issue persists", "Something went wrong",
+                                 "There was an error generating a response", "Hmm...something seems to have gone wrong",
+                                 "Load failed", "Conversation not found", "The message you submitted was too long"],
+        description="A reply that starts with one of these (case-insensitive) and is little longer is a failed "
+        "generation saved as a reply ([]: off).")  # fmt: skip
+    min_reply_chars: int = Field(1, ge=0, description="Replies shorter than this (stripped) are bad; 1: only "
+                                 "empty ones; 0: off.")
+    blocklist: list[str] = Field(default_factory=list, description="Phrases that make a reply bad, case-insensitive "
+                                 "(off by default; e.g. ['as an AI language model']).")
+    wrong_list_numbering: bool = Field(True, description="A reply whose numbered items each restart at 1 (the "
+                                       "export lost the numbering; FastChat's filter_wrong_format) is bad.")
+    cut: bool = Field(True, description="Keep the exchanges before the first bad turn (false: drop the whole "
+                      "conversation); with nothing before it the conversation is dropped.")
+
+
+class CleanLanguageConfig(Section):
+    keep: StrList = Field(default_factory=list, description="ISO 639-1 codes to keep, e.g. [en] (and `unknown` "
+                          "for text the detector is unsure of); empty: every language. Detected by py3langid.")
+    skip: StrList = Field(default_factory=list, description="ISO 639-1 codes to drop.")
+    min_confidence: float = Field(0.5, ge=0, le=1, description="Below this probability the language is `unknown`.")
+    max_chars: int = Field(1000, ge=100, description="Characters of a conversation (code blocks left out) read.")
+
+
+class CleanDedupConfig(Section):
+    by_id: bool = Field(True, description="Drop a conversation whose id was seen before.")
+    by_first_exchange: bool = Field(True, description="Drop a conversation whose first exchange (system, user, "
+                                    "reply; case and spacing ignored) was seen before.")
+    near: NearDuplicateConfig = NearDuplicateConfig()
+
+
+class DataCleanConfig(Section):
+    inputs: StrList = Field(default_factory=list, description="Raw conversation files (ShareGPT or OpenAI "
+                            "messages; .jsonl, .json, .parquet, compressed or not), read in order.")
+    output: str = Field(..., description="Cleaned conversations (JSONL), written atomically; OUT.report.json and "
+                        "OUT.rejects.jsonl (every dropped record with its reason) are written beside it.")
+    layout: Literal["sharegpt", "openai"] = Field("sharegpt", description="Output records: ShareGPT "
+                                                  "`conversations` or OpenAI `messages`.")
+    format: ConversationFormat = Field("auto", description="Input record format; `auto` detects it per record.")
+    model: str = Field(EMBEDDED_MODEL, description="Model whose tokenizer measures tokens for `split_max_len`.")
+    template: TemplateName = "auto"
+    split_max_len: int = Field(0, ge=0, description="Split conversations longer than this many tokens at turn "
+                               "boundaries, as SFT's train.max_len does (0: no splitting).")
+    html: CleanHtmlConfig = CleanHtmlConfig()
+    text: CleanTextConfig = CleanTextConfig()
+    roles: CleanRolesConfig = CleanRolesConfig()
+    filters: CleanFiltersConfig = CleanFiltersConfig()
+    language: CleanLanguageConfig = CleanLanguageConfig()
+    dedup: CleanDedupConfig = CleanDedupConfig()
+    test_fraction: float = Field(0.0, ge=0, lt=1, description="Put this share of the conversations (by a seeded "
+                                 "hash of their first exchange) in `test_output` instead.")
+    test_output: str = Field("", description="The test conversations (default: OUT with .test.jsonl).")
+    seed: int = Field(1234, description="Seed of the train / test split.")
+    workers: int = Field(1, ge=1, description="Processes for the record-local steps (read to language).")
+    chunk_size: int = Field(1000, ge=1, description="Records per chunk streamed through the record-local steps.")
+
+
+class DataStatsConfig(Section):
+    model: str = Field(EMBEDDED_MODEL, description="Model whose tokenizer counts the tokens.")
+    template: TemplateName = "auto"
+    data: DataConfig = DataConfig()
+    max_len: int = Field(512, ge=8, description="Count what training with this train.max_len would split.")
+    output: str = Field("", description="The Markdown report (default: NAME.stats.md in the current folder, NAME "
+                        "being the data file's); the length histogram goes beside it as a PNG.")
+    near: NearDuplicateConfig = NearDuplicateConfig()
+    near_sample: int = Field(20000, ge=0, description="Conversations (the first N) searched for near-duplicates.")
 
 
 class PreferenceDataConfig(MixtureFields):
@@ -293,7 +433,7 @@ class PromptDataConfig(MixtureFields):
     path: str = Field("", description="Prompts: any conversation file (the prompt is everything before the last "
                       "assistant turn; a conversation ending with a user turn, or an Alpaca record without `output`, is all "
                       "prompt), or `builtin:NAME`.")
-    format: Literal["auto", "sharegpt", "openai", "alpaca"] = Field("auto", description="Record format.")
+    format: ConversationFormat = Field("auto", description="Record format.")
     skip_invalid: bool = Field(False, description="Drop invalid records (counted and reported) instead of failing.")
     split_stage: int = Field(2, ge=0, description="Which part of `split` this run uses (RL is 2).")
     max_prompt_len: int = Field(256, ge=8, description="Prompts longer than this (in tokens) are dropped and counted.")
@@ -341,7 +481,7 @@ class KLConfig(Section):
 class PtxConfig(Section):
     path: str = Field("", description="Pretraining mix (InstructGPT): conversations (any format the data readers "
                       "take, or `builtin:NAME`) for a language-modelling loss added to each actor step.")
-    format: Literal["auto", "sharegpt", "openai", "alpaca"] = Field("auto", description="Record format.")
+    format: ConversationFormat = Field("auto", description="Record format.")
     skip_invalid: bool = Field(False, description="Drop invalid records (counted and reported) instead of failing.")
     coef: float = Field(0.0, ge=0, description="Weight of the ptx loss (0: off).")
     batch: int = Field(2, ge=1, description="ptx conversations per actor step.")
@@ -427,6 +567,21 @@ class JudgeReportConfig(Section):
     baseline: str | None = Field(None, description="Relative scores against this model; Elo anchored at 1000 on it.")
     bootstrap: int = Field(1000, ge=10, description="Bootstrap rounds for the 95% intervals.")
     seed: int = Field(0)
+
+
+class ExportGGUFConfig(Section):
+    model: ModelName = EMBEDDED_MODEL
+    outtype: Literal[(*WRITTEN_OUTTYPES, *K_QUANTS)] = Field(
+        "f16", description="f32, f16, bf16 or q8_0 (Corral's writer); a K-quant (q4_k_m, q5_k_m, ...) needs llama.cpp's "
+        "quantizer: pip install 'corral[gguf_quant]'.")
+    output: str = Field("", description="The .gguf file to write (default: NAME-OUTTYPE.gguf here, NAME the model "
+                        "folder's name); the Modelfile goes beside it.")
+    template: TemplateName = "auto"
+    dtype: DType = "auto"
+    modelfile: bool = Field(True, description="Write an Ollama `Modelfile` beside the file (its TEMPLATE renders "
+                            "prompts as `template` does).")
+    temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature the Modelfile sets.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling top_p the Modelfile sets.")
 
 
 # ---------------------------------------------------------------------------------------------

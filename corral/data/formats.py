@@ -1,17 +1,25 @@
-"""Readers for conversation data: ShareGPT, OpenAI messages, Alpaca.
+"""Readers for conversation data: ShareGPT, OpenAI messages, Alpaca, self-instruct seed tasks.
 
-Files: .jsonl, .json (a list of records), .parquet, or a local `datasets` folder (save_to_disk).
-Every error names the file, the line (or record index) and the field. With `skip_invalid`, bad
-records are dropped, counted and reported by reason: never dropped silently.
+Files: .jsonl, .json (a list of records), .parquet, or a local `datasets` folder (save_to_disk). A .jsonl
+or .json file may be compressed (.gz, .bz2, .xz, .zst: read transparently) and may start with a UTF-8
+byte-order mark. Every error names the file, the line (or record index) and the field; a byte that is
+not UTF-8 also gets its byte offset, a duplicate JSON key its name. With `skip_invalid`, bad records are
+dropped, counted and reported by reason: never dropped silently. Fields a reader does not use are
+reported once per file, with a count, so a misspelt field does not vanish unnoticed.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import io
 import json
+import lzma
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from corral.chat.conversation import Conversation, Message
 
@@ -21,7 +29,16 @@ SHAREGPT_ROLES = {
     "system": "system",
 }  # fmt: skip
 OPENAI_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
-FORMATS = ("auto", "sharegpt", "openai", "alpaca")
+FORMATS = ("auto", "sharegpt", "openai", "alpaca", "self_instruct")
+# The fields each format reads (top level, then inside each turn or instance); any other is reported as unused.
+USED_FIELDS = {
+    "sharegpt": ({"id", "conversations", "system"}, "conversations", {"from", "value"}),
+    "openai": ({"id", "messages"}, "messages", {"role", "content"}),
+    "alpaca": ({"id", "instruction", "input", "output", "system"}, None, set()),
+    "self_instruct": ({"id", "instruction", "instances"}, "instances", {"input", "output"}),
+}
+BOM = b"\xef\xbb\xbf"
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class DataError(ValueError):
@@ -35,13 +52,31 @@ class ReadReport:
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     examples: dict = field(default_factory=dict)  # reason -> first full message
+    unused: Counter = field(default_factory=Counter)  # field a reader ignored -> records (or turns) that had it
+
+    def skip(self, reason: str, message: str) -> None:
+        self.skipped[reason] += 1
+        self.examples.setdefault(reason, message)
 
     def summary(self) -> str:
         text = f"{self.path}: read {self.total} records, kept {self.kept}"
         if self.skipped:
             reasons = "; ".join(f"{n} x {reason} (e.g. {self.examples[reason]})" for reason, n in self.skipped.items())
             text += f", skipped {sum(self.skipped.values())}: {reasons}"
+        if self.unused:
+            text += "; fields not used: " + ", ".join(f"'{name}' ({n}x)" for name, n in sorted(self.unused.items()))
         return text
+
+
+def error_reason(error: DataError) -> str:
+    """What a skip is counted under: the field (`field 'conversations[1].value'`), or the whole message."""
+    text = str(error)
+    return text.split(":")[0] if text.startswith("field") else text
+
+
+def line_error_reason(location: str, error: DataError) -> str:
+    """What an unreadable line is counted under: `invalid JSON`, `not UTF-8`, `duplicate key 'id' ...`."""
+    return str(error)[len(location) + 2 :].split(":")[0]
 
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -63,40 +98,200 @@ def resolve_data_path(path: str | Path, builtin_dir: Path = BUILTIN_DIR) -> Path
     return Path(path)
 
 
-def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """Yield (location, record) pairs; location is `file:line` or `file:record N`."""
+# ---------------------------------------------------------------------------------------------------------
+# Bytes -> JSON records
+
+
+def _open_zstd(path: Path):
+    try:
+        import zstandard
+    except ImportError:
+        raise DataError(f"{path}: reading .zst needs the zstandard package (pip install zstandard)") from None
+    # A buffered reader over the stream: zstandard.open's reader cannot iterate lines.
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+
+
+COMPRESSIONS: dict[str, Callable] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": _open_zstd}
+
+
+def file_kind(path: Path) -> tuple[str, str]:
+    """(kind, compression): `chats.jsonl.gz` -> (".jsonl", ".gz"); `chats.json` -> (".json", "")."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        return (suffixes[-2] if len(suffixes) > 1 else ""), suffixes[-1]
+    return (suffixes[-1] if suffixes else ""), ""
+
+
+def open_binary(path: Path):
+    """The file's bytes, decompressed when its name ends with .gz, .bz2, .xz or .zst."""
+    _, compression = file_kind(path)
+    return COMPRESSIONS[compression](path) if compression else open(path, "rb")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        seen: set = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise DataError(f"duplicate key '{key}' in one JSON object (only one value could be kept)")
+    return record
+
+
+def _nesting_path(text: str, depth: int = 64) -> str:
+    """Where a JSON text first nests `depth` levels deep, as a field path (`conversations[0].value[0][0]...`).
+
+    Used only after json raised RecursionError, so the error can name the field instead of a line alone."""
+    stack: list[list] = []  # [kind, current key or index]
+    last_string, i, n = "", 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            last_string, i = text[i + 1 : j], j + 1
+            continue
+        if c in "[{":
+            if len(stack) >= depth:
+                break
+            stack.append([c, 0 if c == "[" else None])
+        elif c in "]}" and stack:
+            stack.pop()
+        elif c == "," and stack and stack[-1][0] == "[":
+            stack[-1][1] += 1
+        elif c == ":" and stack:
+            stack[-1][1] = last_string
+        i += 1
+    # The field is the path down to the last key before the nesting runs away (`conversations[0].value`).
+    last_key = max((i for i, (kind, _) in enumerate(stack) if kind == "{"), default=-1)
+    shown = stack[: min(max(last_key + 1, 3), 8)]
+    path = "".join(f"[{key}]" if kind == "[" else f".{key}" for kind, key in shown).lstrip(".")
+    return path + ("..." if len(shown) < len(stack) and last_key + 1 > len(shown) else "")
+
+
+def _failing_element(text: str) -> int | None:
+    """The index of the first element of a top-level JSON list that fails to parse on its own, or None.
+    Only called after a whole-file parse failed, so its error can name the record."""
+    decoder = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys)
+    space = re.compile(r"[ \t\n\r]*")
+    i = space.match(text, 0).end()
+    if text[i : i + 1] != "[":
+        return None
+    i, k = i + 1, 0
+    while True:
+        try:
+            _, i = decoder.raw_decode(text, space.match(text, i).end())
+        except (DataError, ValueError, RecursionError):
+            return k
+        i, k = space.match(text, i).end(), k + 1
+        if text[i : i + 1] != ",":
+            return None
+        i += 1
+
+
+def parse_json(text: str) -> Any:
+    """json.loads that refuses duplicate keys and turns too-deep nesting into a DataError naming the field."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except RecursionError:
+        where = _nesting_path(text)
+        raise DataError(f"field '{where}': nested too deeply (lists or objects inside each other beyond Python's "
+                        "recursion limit)") from None
+
+
+def _utf8_error(path: Path, line: int, offset: int, byte: int, compressed: bool) -> DataError:
+    of = " of the decompressed data" if compressed else ""
+    return DataError(f"{path}:{line}: not UTF-8: byte 0x{byte:02x} at byte offset {offset}{of} "
+                     "(re-encode the file as UTF-8)")
+
+
+def _iter_jsonl(path: Path, compressed: bool) -> Iterator[tuple[str, str | None, DataError | None]]:
+    offset = 0
+    with open_binary(path) as f:
+        for lineno, raw in enumerate(f, start=1):
+            start = offset
+            offset += len(raw)
+            if lineno == 1 and raw.startswith(BOM):
+                raw, start = raw[len(BOM) :], start + len(BOM)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield f"{path}:{lineno}", None, _utf8_error(path, lineno, start + e.start, raw[e.start], compressed)
+                continue
+            if line.strip():
+                yield f"{path}:{lineno}", line, None
+
+
+def iter_raw_records(path: str | Path) -> Iterator[tuple[str, Any, DataError | None, str]]:
+    """Yield (location, record, error, raw text): `error` is set (and `record` None) for a line that is not
+    valid UTF-8 or JSON, so a caller may skip it and carry on. Location is `file:line` or `file:record N`;
+    `raw` is the line's text (.jsonl) or "" (whole-file formats)."""
     path = resolve_data_path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     if path.is_dir():
-        yield from _iter_datasets_folder(path)
-    elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-    elif path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of records (or {{'data': [...]}})")
-        for i, record in enumerate(data):
-            yield f"{path}:record {i}", record
-    elif path.suffix == ".parquet":
+        for location, record in _iter_datasets_folder(path):
+            yield location, record, None, ""
+        return
+    kind, compression = file_kind(path)
+    if kind == ".jsonl":
+        for location, line, error in _iter_jsonl(path, bool(compression)):
+            if error is not None:
+                yield location, None, error, ""
+                continue
+            try:
+                yield location, parse_json(line), None, line
+            except json.JSONDecodeError as e:
+                yield location, None, DataError(f"{location}: invalid JSON: {e.msg} (column {e.colno})"), line
+            except DataError as e:
+                yield location, None, DataError(f"{location}: {e}"), line
+    elif kind == ".json":
+        for location, record in _iter_json_list(path, bool(compression)):
+            yield location, record, None, ""
+    elif kind == ".parquet" and not compression:
         import pyarrow.parquet as pq
 
         for i, record in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path}:record {i}", record
+            yield f"{path}:record {i}", record, None, ""
     else:
-        raise DataError(f"{path}: unsupported file type '{path.suffix}' (use .jsonl, .json, .parquet or a datasets folder)")
+        raise DataError(f"{path}: unsupported file type '{''.join(path.suffixes) or path.name}' (use .jsonl, .json, "
+                        ".parquet or a datasets folder; .jsonl and .json may be compressed: .gz, .bz2, .xz, .zst)")
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """Yield (location, record) pairs; location is `file:line` or `file:record N`. Raises DataError at the
+    first line that cannot be read."""
+    for location, record, error, _ in iter_raw_records(path):
+        if error is not None:
+            raise error
+        yield location, record
+
+
+def _iter_json_list(path: Path, compressed: bool) -> Iterator[tuple[str, Any]]:
+    with open_binary(path) as f:
+        data = f.read()
+    start = len(BOM) if data.startswith(BOM) else 0
+    try:
+        text = data[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = start + e.start
+        raise _utf8_error(path, data.count(b"\n", 0, at) + 1, at, data[at], compressed) from None
+    try:
+        records = parse_json(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    except DataError as e:
+        match = re.match(r"field '\[(\d+)\]\.?([^']*)'", str(e))
+        if match:  # too deep: the path names the record as well as the field
+            raise DataError(f"{path}:record {match.group(1)}: field '{match.group(2)}'{str(e)[match.end():]}") from None
+        at = _failing_element(text)
+        raise DataError(f"{path}:{'' if at is None else f'record {at}: '}{e}") from None
+    if isinstance(records, dict) and isinstance(records.get("data"), list):
+        records = records["data"]
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records (or {{'data': [...]}})")
+    for i, record in enumerate(records):
+        yield f"{path}:record {i}", record
 
 
 def _iter_datasets_folder(path: Path) -> Iterator[tuple[str, Any]]:
@@ -114,6 +309,10 @@ def _iter_datasets_folder(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}:record {i}", record
 
 
+# ---------------------------------------------------------------------------------------------------------
+# JSON records -> Conversations
+
+
 def detect_format(record: Any) -> str:
     if isinstance(record, dict):
         if "conversations" in record:
@@ -121,9 +320,9 @@ def detect_format(record: Any) -> str:
         if "messages" in record:
             return "openai"
         if "instruction" in record:
-            return "alpaca"
-    raise DataError("cannot tell the format: expected a field 'conversations' (ShareGPT), 'messages' (OpenAI) "
-                    "or 'instruction' (Alpaca)")
+            return "self_instruct" if "instances" in record else "alpaca"
+    raise DataError("cannot tell the format: expected a field 'conversations' (ShareGPT), 'messages' (OpenAI), "
+                    "'instruction' (Alpaca) or 'instruction' + 'instances' (self-instruct seed tasks)")
 
 
 def require_str(value: Any, field_name: str, allow_empty: bool = False) -> str:
@@ -131,7 +330,30 @@ def require_str(value: Any, field_name: str, allow_empty: bool = False) -> str:
         raise DataError(f"field '{field_name}': expected a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise DataError(f"field '{field_name}': empty")
+    bad = LONE_SURROGATE.search(value)
+    if bad:
+        raise DataError(f"field '{field_name}': lone surrogate U+{ord(bad.group()):04X} at character {bad.start()} "
+                        "(a JSON \\u escape without its other half: not valid Unicode)")
     return value
+
+
+def read_turn(item: Any, where: str, role_key: str, text_key: str, roles: dict[str, str],
+              allow_empty: bool = False) -> tuple[str, str, str]:
+    """One turn's (role, raw role name, text), checked field by field; `roles` maps names to roles."""
+    if not isinstance(item, dict):
+        raise DataError(f"field '{where}': expected an object, got {type(item).__name__}")
+    for key in (role_key, text_key):
+        if key not in item:
+            raise DataError(f"field '{where}.{key}': missing")
+    raw_role = item[role_key]
+    role = roles.get(str(raw_role).lower())
+    if role is None:
+        raise DataError(f"field '{where}.{role_key}': unknown role '{raw_role}' (expected one of {', '.join(roles)})")
+    content = item[text_key]
+    if isinstance(content, list):  # OpenAI content parts
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    content = require_str(content, f"{where}.{text_key}", allow_empty=allow_empty or role == "system")
+    return role, str(raw_role), content
 
 
 def parse_turns(items: Any, list_field: str, role_key: str, text_key: str, roles: dict[str, str]) -> list[Message]:
@@ -140,19 +362,7 @@ def parse_turns(items: Any, list_field: str, role_key: str, text_key: str, roles
     messages: list[Message] = []
     for i, item in enumerate(items):
         where = f"{list_field}[{i}]"
-        if not isinstance(item, dict):
-            raise DataError(f"field '{where}': expected an object, got {type(item).__name__}")
-        for key in (role_key, text_key):
-            if key not in item:
-                raise DataError(f"field '{where}.{key}': missing")
-        raw_role = item[role_key]
-        role = roles.get(str(raw_role).lower())
-        if role is None:
-            raise DataError(f"field '{where}.{role_key}': unknown role '{raw_role}' (expected one of {', '.join(roles)})")
-        content = item[text_key]
-        if isinstance(content, list):  # OpenAI content parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        content = require_str(content, f"{where}.{text_key}", allow_empty=(role == "system"))
+        role, raw_role, content = read_turn(item, where, role_key, text_key, roles)
         # Alternation is checked here, against the source's own field names, so errors point at the record.
         expected = _expected_role(messages)
         if role == "system" and i != 0:
@@ -169,9 +379,50 @@ def _expected_role(messages: list[Message]) -> str:
     return "user" if len(turns) % 2 == 0 else "assistant"
 
 
-def parse_record(record: Any, data_format: str = "auto", need_reply: bool = True) -> Conversation:
-    """One record as a Conversation. `need_reply=False` (RL prompts) also takes a conversation ending with
-    a user turn, and an Alpaca record without `output`."""
+def _instruction_prompt(instruction: str, extra: str) -> str:
+    """Alpaca's user turn: the instruction, then the input after a blank line when there is one. Prompts (RL)
+    and SFT records are built by this one function, so both see the same text."""
+    return f"{instruction}\n\n{extra}" if extra.strip() else instruction
+
+
+def _parse_alpaca(record: dict, need_reply: bool) -> list[Message]:
+    for key in ("instruction", "output") if need_reply else ("instruction",):
+        if key not in record:
+            raise DataError(f"field '{key}': missing")
+    instruction = require_str(record["instruction"], "instruction")
+    extra = require_str(record.get("input") or "", "input", allow_empty=True)
+    messages = [Message("user", _instruction_prompt(instruction, extra))]
+    if need_reply or "output" in record:
+        messages.append(Message("assistant", require_str(record["output"], "output")))
+    if isinstance(record.get("system"), str) and record["system"].strip():
+        messages.insert(0, Message("system", record["system"]))
+    return messages
+
+
+def _parse_self_instruct(record: dict, need_reply: bool) -> list[list[Message]]:
+    """A self-instruct seed task: one conversation per instance, its input after the instruction."""
+    instruction = require_str(record.get("instruction"), "instruction")
+    instances = record.get("instances")
+    if not isinstance(instances, list) or not instances:
+        raise DataError("field 'instances': expected a non-empty list of {'input', 'output'} objects")
+    conversations = []
+    for i, instance in enumerate(instances):
+        if not isinstance(instance, dict):
+            raise DataError(f"field 'instances[{i}]': expected an object, got {type(instance).__name__}")
+        extra = require_str(instance.get("input") or "", f"instances[{i}].input", allow_empty=True)
+        messages = [Message("user", _instruction_prompt(instruction, extra))]
+        if need_reply or instance.get("output"):
+            if "output" not in instance:
+                raise DataError(f"field 'instances[{i}].output': missing")
+            messages.append(Message("assistant", require_str(instance["output"], f"instances[{i}].output")))
+        conversations.append(messages)
+    return conversations
+
+
+def parse_record(record: Any, data_format: str = "auto", need_reply: bool = True) -> list[Conversation]:
+    """One record's conversations: one, except for a self-instruct seed task (one per instance).
+    `need_reply=False` (RL prompts) also takes a conversation ending with a user turn, and an Alpaca record
+    or a seed-task instance without `output`."""
     data_format = detect_format(record) if data_format == "auto" else data_format
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}")
@@ -181,30 +432,56 @@ def parse_record(record: Any, data_format: str = "auto", need_reply: bool = True
         messages = parse_turns(record["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
         if isinstance(record.get("system"), str) and record["system"].strip() and messages[0].role != "system":
             messages.insert(0, Message("system", record["system"]))
+        found = [messages]
     elif data_format == "openai":
         if "messages" not in record:
             raise DataError("field 'messages': missing")
-        messages = parse_turns(record["messages"], "messages", "role", "content", OPENAI_ROLES)
+        found = [parse_turns(record["messages"], "messages", "role", "content", OPENAI_ROLES)]
     elif data_format == "alpaca":
-        for key in ("instruction", "output") if need_reply else ("instruction",):
-            if key not in record:
-                raise DataError(f"field '{key}': missing")
-        instruction = require_str(record["instruction"], "instruction")
-        extra = record.get("input") or ""
-        require_str(extra, "input", allow_empty=True)
-        messages = [Message("user", f"{instruction}\n\n{extra}" if extra.strip() else instruction)]
-        if need_reply or "output" in record:
-            messages.append(Message("assistant", require_str(record["output"], "output")))
-        if isinstance(record.get("system"), str) and record["system"].strip():
-            messages.insert(0, Message("system", record["system"]))
+        found = [_parse_alpaca(record, need_reply)]
+    elif data_format == "self_instruct":
+        found = _parse_self_instruct(record, need_reply)
     else:
         raise DataError(f"unknown format '{data_format}' (expected one of {', '.join(FORMATS)})")
-    turns = [m for m in messages if m.role != "system"]
-    if not turns:
-        raise DataError("no user or assistant messages")
-    if turns[-1].role != "assistant" and need_reply:
-        raise DataError(f"the conversation ends with a {turns[-1].role} message, not an assistant reply")
-    return Conversation(messages, id=str(record.get("id", "")))
+    conversations = []
+    for messages in found:
+        turns = [m for m in messages if m.role != "system"]
+        if not turns:
+            raise DataError("no user or assistant messages")
+        if turns[-1].role != "assistant" and need_reply:
+            raise DataError(f"the conversation ends with a {turns[-1].role} message, not an assistant reply")
+        conversations.append(Conversation(messages, id=str(record.get("id", ""))))
+    return conversations
+
+
+def count_unused_fields(record: Any, data_format: str, unused: Counter) -> None:
+    """Add the fields of `record` that its format's reader ignores to `unused` (`model`, `conversations[].markdown`)."""
+    if not isinstance(record, dict) or data_format not in USED_FIELDS:
+        return
+    top, list_field, inner = USED_FIELDS[data_format]
+    for key in record.keys() - top:
+        unused[key] += 1
+    items = record.get(list_field) if list_field else None
+    if isinstance(items, list):
+        names = set()
+        for item in items:
+            if isinstance(item, dict):
+                names |= item.keys() - inner
+        for key in names:
+            unused[f"{list_field}[].{key}"] += 1
+
+
+def iter_counted(path: str | Path, report: ReadReport, skip_invalid: bool) -> Iterator[tuple[str, Any]]:
+    """(location, record) of each record, counted in `report.total`. A line that cannot be read at all (not
+    UTF-8, not JSON) raises, or with `skip_invalid` is counted as skipped, like an invalid record."""
+    for location, record, error, _ in iter_raw_records(path):
+        report.total += 1
+        if error is None:
+            yield location, record
+        elif skip_invalid:
+            report.skip(line_error_reason(location, error), str(error))
+        else:
+            raise error
 
 
 def read_conversations(
@@ -212,19 +489,19 @@ def read_conversations(
 ) -> tuple[list[Conversation], ReadReport]:
     report = ReadReport(str(path))
     conversations: list[Conversation] = []
-    for location, record in iter_records(path):
-        report.total += 1
+    for location, record in iter_counted(path, report, skip_invalid):
         try:
-            conv = parse_record(record, data_format, need_reply)
+            record_format = detect_format(record) if data_format == "auto" else data_format
+            found = parse_record(record, record_format, need_reply)
         except DataError as e:
             if not skip_invalid:
                 raise DataError(f"{location}: {e}") from None
-            reason = str(e).split(":")[0] if str(e).startswith("field") else str(e)
-            report.skipped[reason] += 1
-            report.examples.setdefault(reason, f"{location}: {e}")
+            report.skip(error_reason(e), f"{location}: {e}")
             continue
-        conv.source = location
-        conversations.append(conv)
+        count_unused_fields(record, record_format, report.unused)
+        for k, conv in enumerate(found):
+            conv.source = location if len(found) == 1 else f"{location} (instance {k})"
+            conversations.append(conv)
         report.kept += 1
     if not conversations:
         raise DataError(f"{path}: no valid conversations" + (f" ({report.summary()})" if report.skipped else ""))

@@ -21,9 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from corral.chat.conversation import Conversation, Message
-from corral.data.formats import OPENAI_ROLES, DataError, ReadReport, parse_turns, require_str, iter_records
+from corral.data.formats import (OPENAI_ROLES, DataError, ReadReport, error_reason, iter_counted, parse_turns,
+                                 require_str)
 
 PREFERENCE_FORMATS = ("auto", "pairs", "messages", "hh")
+USED_FIELDS = {"pairs": {"id", "prompt", "chosen", "rejected", "vote"}, "messages": {"id", "prompt", "chosen", "rejected"},
+               "hh": {"id", "chosen", "rejected"}}  # any other field is reported once, with a count
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
@@ -130,27 +133,23 @@ def read_preferences(path: str | Path, data_format: str = "auto", skip_invalid: 
     """All preference pairs in a file; invalid records raise (or are counted, with `skip_invalid`)."""
     report = ReadReport(str(path))
     pairs: list[PreferencePair] = []
-
-    def skip(reason: str, message: str) -> None:
-        report.skipped[reason] += 1
-        report.examples.setdefault(reason, message)
-
-    for location, record in iter_records(path):
-        report.total += 1
+    for location, record in iter_counted(path, report, skip_invalid):
         try:
             pair = parse_preference(record, data_format)
         except NoPreference as e:
-            skip("no preference (tie or both bad)", f"{location}: {e}")
+            report.skip("no preference (tie or both bad)", f"{location}: {e}")
             continue
         except DataError as e:
             if not skip_invalid:
                 raise DataError(f"{location}: {e}") from None
-            reason = str(e).split(":")[0] if str(e).startswith("field") else str(e)
-            skip(reason, f"{location}: {e}")
+            report.skip(error_reason(e), f"{location}: {e}")
             continue
         if pair.chosen.strip() == pair.rejected.strip():
-            skip("chosen identical to rejected", location)
+            report.skip("chosen identical to rejected", location)
             continue
+        used = USED_FIELDS[detect_preference_format(record) if data_format == "auto" else data_format]
+        for key in record.keys() - used:
+            report.unused[key] += 1
         pair.source = location
         pairs.append(pair)
         report.kept += 1

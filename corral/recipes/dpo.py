@@ -28,7 +28,7 @@ from corral.data.preference import PreferencePair
 from corral.models.adapters import add_lora, is_adapter, trainable_parameter_count
 from corral.models.forward import final_hidden, output_head, unwrap
 from corral.models.load import load_model, load_tokenizer
-from corral.recipes.runs import RecipeResult, begin_run, saver, preference_rows, train_summary
+from corral.recipes.runs import RecipeResult, begin_run, data_of, saver, preference_rows, train_summary
 from corral.train.loop import train
 from corral.train.losses import preference_loss, sequence_logps
 
@@ -169,7 +169,8 @@ def run(cfg: DPOConfig) -> RecipeResult:
     log(f"policy {cfg.model} ({cfg.method}): {trainable:,} trainable of {total:,} parameters; reference: {reference}")
     before = evaluate_pairs(model, eval_rows, pad_id, cfg.train.batch_size, device, ref_model, cfg.beta) if eval_rows and main else None
 
-    card = {"title": f"Corral DPO ({cfg.method}) of {cfg.model}", "recipe": "corral dpo", "method": cfg.method}
+    card = {"title": f"Corral DPO ({cfg.method}) of {cfg.model}", "recipe": "corral dpo", "method": cfg.method,
+            "data": data_of(cfg.data), "loss": cfg.loss, "beta": cfg.beta}
     save = saver(tokenizer, template, card)
     loss_fn = partial(dpo_loss_fn, kind=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
                       simpo_gamma=cfg.simpo_gamma, ref_model=ref_model)
@@ -179,9 +180,11 @@ def run(cfg: DPOConfig) -> RecipeResult:
     model_dir = out / "model"
     stats = None
     if main:
+        after = evaluate_pairs(model, eval_rows, pad_id, cfg.train.batch_size, device, ref_model, cfg.beta) if eval_rows else None
+        card["metrics"] = {"train loss": result.last_loss, "steps": result.steps,
+                           **({f"held-out {k}": v for k, v in after.items()} if after else {})}  # fmt: skip
         save(model, model_dir)
         if eval_rows:
-            after = evaluate_pairs(model, eval_rows, pad_id, cfg.train.batch_size, device, ref_model, cfg.beta)
             stats = {"before": before, "after": after}
             append_line(result.metrics_path, json.dumps({"step": result.steps, **{f"eval_{k}": v for k, v in after.items()}}))
             atomic_write_text(out / "eval.json", json.dumps(stats, indent=2) + "\n")

@@ -30,7 +30,7 @@ from corral.config import PPOConfig
 from corral.generate.sampling import SamplingParams
 from corral.models.forward import unwrap
 from corral.models.load import load_tokenizer, resolve_model
-from corral.recipes.runs import RecipeResult, begin_run, saver
+from corral.recipes.runs import RecipeResult, begin_run, data_of, saver
 from corral.train.harness import Harness
 from corral.train.loop import StepPlan, optim_values
 from corral.train.metrics import MetricsLog, plot_panels
@@ -54,8 +54,9 @@ def run(cfg: PPOConfig) -> RecipeResult:
                         with_critic=cfg.advantage == "gae", pad_id=tokenizer.pad_token_id, log=log)  # fmt: skip
     log(f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.samples_per_prompt} samples per step, world size {world}")
 
-    save = saver(tokenizer, template, {"title": f"Corral PPO ({cfg.advantage}, {cfg.method}) of {cfg.model}",
-                                       "recipe": "corral ppo", "reward": cfg.reward})  # fmt: skip
+    card = {"title": f"Corral PPO ({cfg.advantage}, {cfg.method}) of {cfg.model}", "recipe": "corral ppo",
+            "reward": cfg.reward, "data": data_of(cfg.data)}
+    save = saver(tokenizer, template, card)
     harness = Harness(accelerator, out, save_total_limit=cfg.train.save_total_limit, resume=cfg.train.resume,
                       report_to=cfg.train.report_to, config=cfg.model_dump(mode="json"))  # fmt: skip
     actor, critic = add_trained(harness, roles, save, cfg)
@@ -109,6 +110,8 @@ def run(cfg: PPOConfig) -> RecipeResult:
     bar.close()
     checkpoint(harness, cfg.steps, cfg)
     if main:  # the actor, and its EMA, as loadable folders (an adapter over the original base, or a full model)
+        last = harness.metrics.read()[-1]
+        card["metrics"] = {"steps": last["step"], "reward (last step)": last["reward_mean"], "KL (last step)": last["kl"]}
         save(unwrap(actor.model), out / "actor")
         if ema is not None:
             with ema.applied(unwrap(actor.model)) as averaged:

@@ -24,7 +24,7 @@ from corral.data.preference import PreferencePair, read_preferences
 from corral.models.adapters import add_lora, trainable_parameter_count
 from corral.models.load import load_model, load_tokenizer
 from corral.models.reward import sequence_scores
-from corral.recipes.runs import RecipeResult, begin_run, saver, preference_rows, train_summary
+from corral.recipes.runs import RecipeResult, begin_run, data_of, saver, preference_rows, train_summary
 from corral.train.loop import train
 from corral.train.losses import pairwise_reward_loss
 
@@ -115,7 +115,8 @@ def run(cfg: RewardConfig) -> RecipeResult:
     model = prepare_model(cfg, pad_id, accelerator.device)
     trainable, total = trainable_parameter_count(model)
     log(f"reward model from {cfg.model} ({cfg.method}): {trainable:,} trainable of {total:,} parameters")
-    card = {"title": f"Corral reward model ({cfg.method}) of {cfg.model}", "recipe": "corral reward", "method": cfg.method}
+    card = {"title": f"Corral reward model ({cfg.method}) of {cfg.model}", "recipe": "corral reward", "method": cfg.method,
+            "data": data_of(cfg.data)}
     save = saver(tokenizer, template, card)
     result = train(
         model, rows, collate_fn=partial(collate_pairs, pad_id=pad_id), loss_fn=partial(reward_loss, margin=cfg.margin),
@@ -125,9 +126,12 @@ def run(cfg: RewardConfig) -> RecipeResult:
     model_dir = out / "model"
     stats = None
     if main:
-        save(model, model_dir)
         if eval_rows:
             stats = evaluate_pairs(model, eval_rows, pad_id, cfg.train.batch_size, accelerator.device)
+        card["metrics"] = {"train loss": result.last_loss, "steps": result.steps,
+                           **({f"held-out {k}": v for k, v in stats.items()} if stats else {})}  # fmt: skip
+        save(model, model_dir)
+        if stats:
             append_line(result.metrics_path, json.dumps({"step": result.steps, **{f"eval_{k}": v for k, v in stats.items()}}))
             atomic_write_text(out / "eval.json", json.dumps(stats, indent=2) + "\n")
             log(f"held-out: accuracy {stats['accuracy']:.3f} on {stats['pairs']} pairs, mean margin "

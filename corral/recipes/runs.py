@@ -28,8 +28,14 @@ def train_summary(train, **more) -> dict:
             "resumed_from": train.resumed_from, "metrics": str(train.metrics_path), **more}  # fmt: skip
 
 
+def data_of(data) -> str:
+    """What a data section reads, for the model card: its path, or its mixture's sources."""
+    return data.path or ", ".join(source.path for source in data.sources)
+
+
 def saver(tokenizer, template, card: dict):
-    """`save(model, folder)` for this run's model folders: checkpoints and final models alike (`save_model`)."""
+    """`save(model, folder)` for this run's model folders: checkpoints and final models alike (`save_model`).
+    `card` is read at each save, so a recipe adds its final `metrics` to it before the final save."""
     from corral.models.load import save_model
 
     return lambda model, folder: save_model(model, tokenizer, template, folder, card=card)

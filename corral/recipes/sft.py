@@ -13,7 +13,7 @@ from corral.data.pack import collate, pack_rows, single_rows
 from corral.models.adapters import add_lora, add_prefix, is_adapter, trainable_parameter_count
 from corral.models.forward import final_hidden, output_head
 from corral.models.load import load_model, load_tokenizer
-from corral.recipes.runs import RecipeResult, begin_run, saver, split_eval, train_summary
+from corral.recipes.runs import RecipeResult, begin_run, data_of, saver, split_eval, train_summary
 from corral.train.loop import train
 from corral.train.losses import token_nll_sum
 
@@ -73,7 +73,8 @@ def run(cfg: SFTConfig) -> RecipeResult:
     trainable, total = trainable_parameter_count(model)
     log(f"model {cfg.model} ({cfg.method}): {trainable:,} trainable of {total:,} parameters; template {template.name}")
     # Every folder carries the template we trained with, so plain transformers/vLLM prompt the same way.
-    card = {"title": f"Corral SFT ({cfg.method}) of {cfg.model}", "recipe": "corral sft", "method": cfg.method}
+    card = {"title": f"Corral SFT ({cfg.method}) of {cfg.model}", "recipe": "corral sft", "method": cfg.method,
+            "data": data_of(cfg.data)}
     save = saver(tokenizer, template, card)
 
     result = train(
@@ -84,6 +85,7 @@ def run(cfg: SFTConfig) -> RecipeResult:
     )  # fmt: skip
     model_dir = out / "model"
     if main:
+        card["metrics"] = {"train loss": result.last_loss, "eval loss": result.eval_loss, "steps": result.steps}
         save(model, model_dir)
         log(f"final model: {model_dir}\nmetrics: {result.metrics_path}\nloss curve: {out / 'loss.png'}")
     accelerator.wait_for_everyone()

@@ -54,9 +54,10 @@ class Trained:
     accelerator: object = field(repr=False)
     params: list = field(default_factory=list, repr=False)
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         """Clip the gradient norm (0: no clipping), step the optimizer and the schedule, zero the gradients.
-        Returns the gradient norm before clipping."""
+        Returns the gradient norm before clipping, as a tensor: reading it syncs with the GPU, so callers read it
+        only when they log."""
         if self.max_grad_norm > 0:
             norm = self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
         else:
@@ -65,7 +66,7 @@ class Trained:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     @property
     def lr(self) -> float:

@@ -179,7 +179,7 @@ def train(
                 "step": done,
                 "loss": last_loss,
                 "lr": trained.lr,
-                "grad_norm": grad_norm,
+                "grad_norm": float(grad_norm),
                 "tokens_per_s": step_tokens / elapsed,
                 "target_tokens": step_targets,
                 "seen_tokens": seen_tokens,

@@ -1,9 +1,9 @@
 """End-to-end on the real embedded model (SmolLM2-135M-Instruct). Slow: marked, still run in CI."""
 
 import json
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,7 +48,11 @@ def test_merged_model_loads_with_plain_transformers_and_generates(lora_run, tmp_
     reply = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert reply.strip()
     # The merged model is the adapter model: same greedy tokens.
-    base_path = json.loads((lora_run.model_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    from corral.models.load import resolve_model
+
+    # The adapter names its base by the hub id; Corral's loader maps it to the local conversion.
+    base = json.loads((lora_run.model_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base_path = resolve_model(base).path
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), lora_run.model_dir).eval()
     with torch.no_grad():
         again = adapted.generate(**prompt, max_new_tokens=12, do_sample=False)

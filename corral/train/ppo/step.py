@@ -124,8 +124,8 @@ def make_experience(actor, samples: Samples, scores: torch.Tensor, kl: KLControl
                       values, stats)  # fmt: skip
 
 
-def ppo_update(actor, actor_step: Callable[[], float], exp: Experience, settings: PPOSettings, critic=None,
-               critic_step: Callable[[], float] | None = None, ptx_fn=None, ptx_coef: float = 0.0,
+def ppo_update(actor, actor_step: Callable[[], torch.Tensor], exp: Experience, settings: PPOSettings, critic=None,
+               critic_step: Callable[[], torch.Tensor] | None = None, ptx_fn=None, ptx_coef: float = 0.0,
                generator: torch.Generator | None = None, accelerator=None) -> dict:
     """`settings.epochs` passes over the experience in shuffled mini-batches; one optimizer step each.
 
@@ -197,7 +197,7 @@ def ppo_update(actor, actor_step: Callable[[], float], exp: Experience, settings
                 stats["ptx_loss"] = ptx_loss.item()
             else:
                 backward(loss * world)
-            stats["grad_norm"] = actor_step() / world  # the same on every process: the sum over them is right
+            stats["grad_norm"] = float(actor_step()) / world  # the same on every process: the sum over them is right
             if with_critic:
                 if values is None:
                     values = critic(exp.input_ids[idx], exp.attention_mask[idx], mask, exp.reply_start[idx])
