@@ -282,13 +282,26 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     module_name, func = cmd.run.split(":")
     run = getattr(importlib.import_module(module_name), func)
+    out = Path(getattr(config, "output_dir", "") or "")
+    fresh = bool(out.parts) and not out.exists()
     try:
         with running_command(["corral", *argv]):  # model cards record the command that made them
             run(config)
     except (DataError, TemplateError, ModelLoadError, FileNotFoundError, ValueError) as e:
         print(f"corral {name}: error: {e}", file=sys.stderr)
+        if fresh:
+            remove_debris(out)
         return 1
     return 0
+
+
+def remove_debris(out: Path) -> None:
+    """A run that failed on its inputs leaves no folder behind: the one it made is removed when it holds nothing
+    but the saved config (a run that got as far as writing checkpoints or metrics keeps them)."""
+    import shutil
+
+    if out.is_dir() and {p.name for p in out.iterdir()} <= {"config.yaml"}:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":

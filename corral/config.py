@@ -390,6 +390,8 @@ class RewardScoreConfig(Section):
     data: str = Field(..., description="Conversations (ShareGPT / OpenAI / Alpaca) or preference pairs to score.")
     template: TemplateName = "auto"
     output: str = Field("", description="Write scores as JSONL here (default: print them).")
+    skip_invalid: bool = Field(False, description="Skip invalid records (counted and reported) instead of failing; "
+                               "the file is read as conversations or as pairs, whichever keeps more records.")
     batch_size: int = Field(8, ge=1)
     dtype: DType = "auto"
 

@@ -92,8 +92,26 @@ def _parse_message_lists(record: dict) -> tuple[Conversation, str, str]:
     return Conversation(chosen[:-1]), chosen[-1].content, rejected[-1].content
 
 
+# A turn marker that lost its blank line ("...done.\nHuman: next"): 9 of the 2,312 transcripts in HH-RLHF's
+# test set have one. Read strictly first; only a transcript that fails is read again with the blank lines put back.
+HH_LOST_BLANK_LINE = re.compile(r"(?<=[^\n])\n(Human|Assistant): ")
+
+
 def _parse_hh_transcript(text: Any, field: str) -> list[Message]:
     text = require_str(text, field)
+    try:
+        return _hh_turns(text, field)
+    except DataError as strict_error:
+        repaired = HH_LOST_BLANK_LINE.sub(r"\n\n\1: ", text)
+        if repaired == text:
+            raise
+        try:
+            return _hh_turns(repaired, field)
+        except DataError:
+            raise strict_error from None
+
+
+def _hh_turns(text: str, field: str) -> list[Message]:
     parts = HH_TURN.split("\n\n" + text.lstrip("\n"))
     if parts[0].strip():
         raise DataError(f"field '{field}': text before the first '\\n\\nHuman:' turn")
@@ -103,7 +121,8 @@ def _parse_hh_transcript(text: Any, field: str) -> list[Message]:
         expected = "user" if len(messages) % 2 == 0 else "assistant"
         if role != expected:
             raise DataError(f"field '{field}': turn {len(messages)} is {speaker}, expected "
-                            f"{'Human' if expected == 'user' else 'Assistant'} (turns must alternate)")
+                            f"{'Human' if expected == 'user' else 'Assistant'} (turns must alternate): "
+                            f"{speaker}: {content.strip()[:60]!r}")
         messages.append(Message(role, content.strip()))
     if not messages or messages[-1].role != "assistant":
         raise DataError(f"field '{field}': must end with an '\\n\\nAssistant:' turn")

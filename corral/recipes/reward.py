@@ -141,21 +141,41 @@ def run(cfg: RewardConfig) -> RecipeResult:
     return RecipeResult(model_dir, train_summary(result, eval=stats))
 
 
-def score(cfg: RewardScoreConfig):
-    """Print (or write) the reward of each conversation's last reply, or of both sides of each preference pair."""
+def read_scored(path: str, skip_invalid: bool) -> tuple[list, list]:
+    """(conversations, pairs) of a file to score: one of them empty. Strict: conversations, else pairs (the error
+    of both is raised when neither reads). `skip_invalid`: whichever keeps more records, its skips reported."""
     from corral.data.formats import DataError, read_conversations
 
+    if not skip_invalid:
+        try:
+            return read_conversations(path)[0], []
+        except DataError:
+            return [], read_preferences(path)[0]
+    read = {}
+    for kind, reader in (("conversations", read_conversations), ("pairs", read_preferences)):
+        try:
+            read[kind] = reader(path, skip_invalid=True)
+        except DataError as e:  # none of its records is valid
+            read[kind] = ([], e)
+    kind = max(read, key=lambda k: len(read[k][0]))
+    records, report = read[kind]
+    if not records:
+        raise read["conversations"][1]
+    print(report.summary())
+    return (records, []) if kind == "conversations" else ([], records)
+
+
+def score(cfg: RewardScoreConfig):
+    """Print (or write) the reward of each conversation's last reply, or of both sides of each preference pair."""
     tokenizer = load_tokenizer(cfg.model)
     template = get_template(cfg.template, tokenizer)
     pad_id = tokenizer.pad_token_id
     model = load_model(cfg.model, dtype=cfg.dtype, head="score", pad_token_id=pad_id)
     device = next(model.parameters()).device
-    try:
-        conversations, _ = read_conversations(cfg.data)
-        items = [(c.source, template.render_with_masks(c)[0], None) for c in conversations]
-    except DataError:
-        pairs, _ = read_preferences(cfg.data)
-        items = [(p.source, render_reply(template, p.prompt, p.chosen), render_reply(template, p.prompt, p.rejected)) for p in pairs]
+    conversations, pairs = read_scored(cfg.data, cfg.skip_invalid)
+    items = [(c.source, template.render_with_masks(c)[0], None) for c in conversations]
+    items += [(p.source, render_reply(template, p.prompt, p.chosen), render_reply(template, p.prompt, p.rejected))
+              for p in pairs]  # fmt: skip
     records = []
     for i in range(0, len(items), cfg.batch_size):
         chunk = items[i : i + cfg.batch_size]

@@ -127,3 +127,19 @@ def test_a_section_keeps_its_recipe_defaults_when_other_keys_are_given(capsys):
     assert (ppo.critic.lr, ppo.critic.max_grad_norm) == (5e-5, 0.5)
     assert main(["reward", "--help"]) == 0
     assert "  train.lr = 0.0001\n" in capsys.readouterr().out
+
+
+def test_a_run_that_fails_on_its_inputs_leaves_nothing_behind(tmp_path, tiny_model_dir, capsys):
+    """Bad data is an error naming file and line, exit status 1, and the output folder the run made (holding only
+    its config.yaml) is gone; a folder that existed before the run is left as it was."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}\n{"nope": 1}\n')
+    out = tmp_path / "run"
+    args = ["sft", f"model={tiny_model_dir}", "template=chatml", f"data.path={bad}", f"output_dir={out}"]
+    assert main(args) == 1
+    assert f"{bad}:2" in capsys.readouterr().err
+    assert not out.exists()
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(args) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "notes.txt"]

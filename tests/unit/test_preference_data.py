@@ -134,3 +134,22 @@ def test_sft_recipe_reads_a_mixture(tmp_path, tiny_model_dir):
                     train={"max_steps": 1, "batch_size": 2, "max_len": 128, "resume": "never"})  # fmt: skip
     result = sft.run(cfg)
     assert result.summary["steps"] == 1
+
+
+def test_hh_marker_that_lost_its_blank_line_is_repaired_and_real_errors_say_where():
+    """HH-RLHF has transcripts where "Human:" follows a single newline: read as its own turn. A transcript that
+    does not alternate even so is an error naming the field, the turn and its text."""
+    from corral.data.formats import DataError
+    from corral.data.preference import parse_preference
+
+    lost = "\n\nHuman: hi\n\nAssistant: hello\nHuman: more?\n\nAssistant: "
+    pair = parse_preference({"chosen": lost + "sure", "rejected": lost + "no"})
+    assert [(m.role, m.content) for m in pair.prompt.messages] == [("user", "hi"), ("assistant", "hello"),
+                                                                   ("user", "more?")]
+    assert (pair.chosen, pair.rejected) == ("sure", "no")
+    # A strict transcript with "\nHuman:" inside a reply's text is left as it is (only a failing one is repaired).
+    quoted = "\n\nHuman: say it\n\nAssistant: He said\nHuman: stop."
+    assert parse_preference({"chosen": quoted, "rejected": quoted + "!"}).chosen == "He said\nHuman: stop."
+    twice = "\n\nHuman: hi\n\nHuman: again\n\nAssistant: x"
+    with pytest.raises(DataError, match=r"field 'chosen': turn 1 is Human, expected Assistant .*'again'"):
+        parse_preference({"chosen": twice, "rejected": twice + "y"})

@@ -140,3 +140,22 @@ def test_lora_reward_model_saves_and_reloads_its_head(tmp_path, tiny_model_dir):
         assert torch.equal(params[key.replace(".weight", ".default.weight")], value), key
     fresh = load_model(str(tiny_model_dir), head="score")  # a base model gets a new random head, not the trained one
     assert not torch.equal(fresh.score.weight, head)
+
+
+def test_reward_score_skips_invalid_records_when_asked(tmp_path, tiny_model_dir):
+    """`reward score` takes `skip_invalid` like every reader: a broken line is an error naming it, or, asked to
+    skip, is counted and left out while every other pair is scored."""
+    from corral.config import RewardScoreConfig
+    from corral.data.formats import DataError
+    from corral.recipes import reward
+
+    data = synthetic_preferences(tmp_path / "prefs.jsonl", 6, seed=2)
+    lines = data.read_text().splitlines()
+    lines[3] = '{"prompt": "no replies here"}'
+    data.write_text("\n".join(lines) + "\n")
+    cfg = RewardScoreConfig(model=str(tiny_model_dir), data=str(data), template="chatml")
+    with pytest.raises(DataError, match=r"prefs.jsonl:4"):
+        reward.score(cfg)
+    records = reward.score(cfg.model_copy(update={"skip_invalid": True}))
+    assert len(records) == 5 and all({"chosen", "rejected"} <= r.keys() for r in records)
+    assert [r["source"] for r in records] == [f"{data}:{i}" for i in (1, 2, 3, 5, 6)]
