@@ -534,7 +534,11 @@ class JudgeAnswerConfig(Section):
     max_tokens: int = Field(512, ge=1, description="Most tokens per answer turn.")
     seed: int | None = Field(0, description="Sampling seed (reproducible answers where temperature > 0).")
     concurrency: int = Field(16, ge=1, description="Questions answered at once (one continuous batch locally).")
-    limit: int = Field(0, ge=0, description="Only the first N questions (0: all).")
+    limit: int = Field(0, ge=0, description="Only N questions (0: all): a stratified sample across categories, "
+                       "seeded by `limit_seed` (the same N and seed in `judge grade` grade the same questions).")
+    limit_seed: int = Field(0, description="Seed of the `limit` sample.")
+    fastchat_answers: bool = Field(False, description="Also write FastChat's layout: "
+                                   "OUTPUT_DIR/model_answer/MODEL.jsonl (question_id, answer_id, model_id, choices).")
     retries: int = Field(5, ge=0, description="API retries with backoff on 429 / 5xx / connection errors.")
     timeout: float = Field(600.0, gt=0, description="API request timeout in seconds.")
     dtype: DType = "auto"
@@ -554,14 +558,23 @@ class JudgeGradeConfig(Section):
     judge_api: str = Field("", description="The judge's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1.")
     judge_model: str = Field("", description="The judge's model name at that endpoint.")
     judge_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the judge's key.")
-    prompts: str = Field("", description="Judge prompts YAML (default: corral/eval/prompts/judge_prompts.yaml).")
+    prompts: str = Field("", description="Judge prompts: Corral's YAML (default: corral/eval/prompts/judge_prompts.yaml) "
+                         "or FastChat's judge_prompts.jsonl as it is (MT-bench's choice of prompt per question and turn).")
+    reference_categories: StrList = Field(["math", "reasoning", "coding"], description="Categories whose reference "
+                                          "answers the judge is shown (MT-bench's); other questions' are not sent.")
+    answers_dir: str = Field("", description="Answer files to grade (default: OUTPUT_DIR/answers); FastChat's "
+                             "model_answer/ folder works as it is.")
+    fastchat_judgments: bool = Field(False, description="Also write FastChat's layout: "
+                                     "OUTPUT_DIR/model_judgment/JUDGE_single.jsonl and JUDGE_pair.jsonl.")
     swap: bool = Field(True, description="Ask pairwise and relative judgments in both orders.")
     concurrency: int = Field(8, ge=1, description="Judge requests in flight at once.")
     retries: int = Field(5, ge=0, description="Retries with backoff on 429 / 5xx / connection errors.")
     timeout: float = Field(600.0, gt=0, description="Judge request timeout in seconds.")
     max_tokens: int = Field(512, ge=1, description="Most tokens of a judge reply.")
     temperature: float = Field(0.0, ge=0, le=2, description="Judge sampling temperature.")
-    limit: int = Field(0, ge=0, description="Only the first N questions (0: all).")
+    limit: int = Field(0, ge=0, description="Only N questions (0: all): a stratified sample across categories, "
+                       "seeded by `limit_seed`, the same as `judge answer` picks with the same N and seed.")
+    limit_seed: int = Field(0, description="Seed of the `limit` sample.")
 
 
 class JudgeReportConfig(Section):
@@ -569,6 +582,10 @@ class JudgeReportConfig(Section):
     baseline: str | None = Field(None, description="Relative scores against this model; Elo anchored at 1000 on it.")
     bootstrap: int = Field(1000, ge=10, description="Bootstrap rounds for the 95% intervals.")
     seed: int = Field(0)
+    fastchat: StrList = Field(default_factory=list, description="FastChat model_judgment files (JUDGE_single.jsonl, "
+                              "JUDGE_pair.jsonl) to report on with OUTPUT_DIR/judgments/.")
+    questions: str = Field("builtin:corral_questions", description="With `fastchat`: the question file, for the "
+                           "categories FastChat's judgments do not record.")
 
 
 class ExportGGUFConfig(Section):

@@ -42,8 +42,12 @@ def answer_file(answers_dir: str | Path, model: str) -> Path:
 
 
 def read_answers(path: str | Path) -> dict:
-    """question_id -> answer record (the last one when a question was answered twice)."""
-    return {r["question_id"]: r for r in read_jsonl(path) if "question_id" in r and "turns" in r}
+    """question_id -> answer record (the last one when a question was answered twice). Corral's
+    records or FastChat's `model_answer` ones (`choices[0].turns`), so FastChat's answers are graded as they are."""
+    from corral.eval.fastchat import answer_from_fastchat
+
+    records = [answer_from_fastchat(r, f"{path}") for r in read_jsonl(path) if "question_id" in r]
+    return {r["question_id"]: r for r in records if "turns" in r}
 
 
 def load_answers(answers_dir: str | Path, models: list[str]) -> dict[str, dict]:
@@ -59,7 +63,9 @@ def load_answers(answers_dir: str | Path, models: list[str]) -> dict[str, dict]:
 
 
 def answered_models(answers_dir: str | Path) -> list[str]:
-    return sorted({r["model"] for p in Path(answers_dir).glob("*.jsonl") for r in read_jsonl(p)[:1] if "model" in r})
+    """The models with an answer file there (Corral's `model`, FastChat's `model_id`)."""
+    firsts = [r for p in Path(answers_dir).glob("*.jsonl") for r in read_jsonl(p)[:1]]
+    return sorted({r.get("model") or r.get("model_id") for r in firsts} - {None})
 
 
 def question_params(question: Question, params: SamplingParams, temperature: float | None) -> SamplingParams:

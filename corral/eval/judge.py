@@ -4,7 +4,9 @@ relative scores, from any OpenAI-compatible judge.
 Every judgment is appended to `judgments/<mode>.jsonl` as it arrives, with the judge's raw reply and
 the parsed result (or `parsed: false`). A judgment is keyed by a digest of the judge model and the
 exact messages it is sent, so it is never asked for again, and changing the prompts, an answer or the
-judge asks anew. Replies that cannot be parsed are recorded and counted, never turned into a score.
+judge asks anew. Replies that cannot be parsed are recorded and counted, never turned into a score
+(parsing.py says what parses). Prompts are Corral's YAML (one per mode) or FastChat's
+judge_prompts.jsonl, picked per question turn by MT-bench's rule (fastchat.py).
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import yaml
 from corral.atomic import append_line, read_jsonl
 from corral.chat.conversation import Conversation, Message
 from corral.data.formats import DataError
+from corral.eval.parsing import parse_score, parse_two_scores, parse_verdict
 from corral.eval.question_set import Question
 from corral.generate.sampling import SamplingParams
 
 MODES = ("single", "pairwise", "relative")
 DEFAULT_PROMPTS = Path(__file__).parent / "prompts" / "judge_prompts.yaml"
+REFERENCE_CATEGORIES = ("math", "reasoning", "coding")  # MT-bench's: where one right answer exists
 PLACEHOLDERS = {"single": ("{conversation}",), "pairwise": ("{conversation_a}", "{conversation_b}"),
                 "relative": ("{conversation_a}", "{conversation_b}")}  # fmt: skip
 
@@ -39,17 +43,48 @@ PLACEHOLDERS = {"single": ("{conversation}",), "pairwise": ("{conversation_a}", 
 
 @dataclass(frozen=True)
 class JudgePrompt:
+    name: str
     system: str
     template: str
-    reference: str  # block put in {reference} when the question has a reference answer
+    output_format: str  # what the judge is told to write: one of OUTPUT_FORMATS
+    reference: str = ""  # Corral's prompts: the block put in {reference} when a reference answer is due
 
 
-def load_prompts(path: str | Path | None = None) -> dict[str, JudgePrompt]:
+@dataclass(frozen=True)
+class PromptSet:
+    """Judge prompts by name, and which rule picks one for a question turn: `corral` (one prompt per
+    mode, the reference as a block) or `fastchat` (MT-bench's names, see corral/eval/fastchat.py)."""
+
+    kind: str
+    prompts: dict[str, JudgePrompt]
+    path: str
+
+    def select(self, mode: str, turn: int, with_reference: bool) -> JudgePrompt:
+        if self.kind == "corral":
+            return self.prompts[mode]
+        from corral.eval.fastchat import select_prompt
+
+        return select_prompt(self, mode, turn, with_reference)
+
+
+# The form each output format asks for, and the parser that reads exactly that form.
+OUTPUT_FORMATS = {"[[rating]]": parse_score, "[[A]]": parse_verdict, "[[rating_a,rating_b]]": parse_two_scores}
+MODE_FORMATS = {"single": "[[rating]]", "pairwise": "[[A]]", "relative": "[[rating_a,rating_b]]"}
+
+
+def load_prompts(path: str | Path | None = None) -> PromptSet:
+    """Corral's YAML prompts (the default, or `path`), or FastChat's `judge_prompts.jsonl` as it is."""
     path = Path(path or DEFAULT_PROMPTS)
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise DataError(f"{path}: cannot read judge prompts: {e.strerror}") from None
+    if path.suffix == ".jsonl" or text.lstrip().startswith("{"):
+        from corral.eval.fastchat import load_fastchat_prompts
+
+        return load_fastchat_prompts(path)
+    try:
+        tree = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise DataError(f"{path}: not valid YAML: {e}") from None
     prompts = {}
@@ -65,8 +100,9 @@ def load_prompts(path: str | Path | None = None) -> dict[str, JudgePrompt]:
                 raise DataError(f"{path}: field '{mode}.template': must contain {placeholder}")
         if "{reference}" not in entry["reference"]:
             raise DataError(f"{path}: field '{mode}.reference': must contain {{reference}}")
-        prompts[mode] = JudgePrompt(entry["system"].strip(), entry["template"], entry["reference"])
-    return prompts
+        prompts[mode] = JudgePrompt(f"corral-{mode}", entry["system"].strip(), entry["template"], MODE_FORMATS[mode],
+                                    entry["reference"])  # fmt: skip
+    return PromptSet("corral", prompts, str(path))
 
 
 def transcript(question: Question, answers: list[str], turn: int) -> str:
@@ -77,82 +113,45 @@ def transcript(question: Question, answers: list[str], turn: int) -> str:
     return "\n\n".join(parts)
 
 
-def render(prompt: JudgePrompt, question: Question, turn: int, **conversations: str) -> list[dict]:
-    reference = question.reference_for(turn)
-    block = prompt.reference.replace("{reference}", reference) if reference else ""
-    text = prompt.template
-    for name, value in conversations.items():  # replace, not str.format: answers may hold braces
-        text = text.replace("{" + name + "}", value)
-    text = text.replace("{reference}", block)
+def fill(template: str, values: dict[str, str]) -> str:
+    """`{name}` placeholders replaced in one pass: an answer holding `{answer_b}` or braces stays as written."""
+    return re.sub(r"\{([a-z_0-9]+)\}", lambda m: values.get(m[1], m[0]), template)
+
+
+def prompt_values(question: Question, turn: int, answers: list[list[str]], references: list[str] | None,
+                  reference_block: str = "") -> dict[str, str]:
+    """Every placeholder either prompt family uses, for one question turn and one or two answer lists:
+    Corral's {conversation}, {conversation_a|b}, {reference}; FastChat's {question}, {question_N},
+    {answer}, {answer_N}, {answer_a|b}, {answer_a|b_N}, {ref_answer_N}."""
+    values = {"question": question.turns[turn], "reference": ""}
+    values.update({f"question_{i}": text for i, text in enumerate(question.turns[: turn + 1], 1)})
+    for side, turns in zip(("a", "b"), answers):
+        values[f"conversation_{side}"] = transcript(question, turns, turn)
+        values[f"answer_{side}"] = turns[turn]
+        values.update({f"answer_{side}_{i}": text for i, text in enumerate(turns[: turn + 1], 1)})
+    if len(answers) == 1:
+        values["conversation"] = values["conversation_a"]
+        values["answer"] = answers[0][turn]
+        values.update({f"answer_{i}": text for i, text in enumerate(answers[0][: turn + 1], 1)})
+    if references:
+        values.update({f"ref_answer_{i}": text for i, text in enumerate(references, 1)})
+        values["reference"] = fill(reference_block, {"reference": references[-1]})
+    return values
+
+
+def render(prompt: JudgePrompt, question: Question, turn: int, answers: list[list[str]],
+           references: list[str] | None = None) -> list[dict]:
+    text = fill(prompt.template, prompt_values(question, turn, answers, references, prompt.reference))
     return [{"role": "system", "content": prompt.system}, {"role": "user", "content": text}]
 
 
-# ---------------------------------------------------------------------------------------------
-# Parsing judge replies
-
-
-_NUM = r"(\d+(?:\.\d+)?)"
-_SCORE_PATTERNS = [
-    rf"\[\[\s*{_NUM}\s*(?:/\s*10)?\s*\]\]",  # [[8]]  [[8.5]]  [[8/10]]
-    rf"(?:rating|score|grade)\s*(?:is|of)?\s*[:=]?\s*\**\s*\[?\s*{_NUM}\s*\]?\s*(?:/\s*10|out of 10)?",
-    rf"\[\s*{_NUM}\s*\]",  # [8]
-    rf"\b{_NUM}\s*(?:/\s*10|out of 10)\b",  # 8/10
-]
-
-
-def _in_range(value: float) -> float | None:
-    return value if 1 <= value <= 10 else None
-
-
-def parse_score(text: str) -> float | None:
-    """A 1-10 score: `[[8]]`, `Rating: 8/10`, `Score: 8`, `[8]`, `8/10`; the last match of the most
-    explicit form found. None when there is none or it is out of range."""
-    for pattern in _SCORE_PATTERNS:
-        found = re.findall(pattern, text, flags=re.IGNORECASE)
-        if found:
-            return _in_range(float(found[-1]))
-    return None
-
-
-_VERDICTS = {"a": "A", "b": "B", "c": "tie", "tie": "tie"}
-
-
-def parse_verdict(text: str) -> str | None:
-    """`A`, `B` or `tie` from `[[A]]`, `[[B]]`, `[[C]]` / `[[tie]]`, or `Verdict: A`, `Winner: assistant B`,
-    `Final verdict: tie`. None when absent or when the reply names different verdicts."""
-    found = {_VERDICTS[v.lower()] for v in re.findall(r"\[\[\s*(A|B|C|tie)\s*\]\]", text, flags=re.IGNORECASE)}
-    if not found:
-        found = {
-            _VERDICTS[v.lower()]
-            for v in re.findall(r"(?:verdict|winner|better (?:reply|answer|assistant))\s*(?:is)?\s*[:\-]?\s*\**\s*"
-                                r"(?:assistant\s*)?\[?\b(A|B|C|tie)\b", text, flags=re.IGNORECASE)
-        }  # fmt: skip
-    return found.pop() if len(found) == 1 else None
-
-
-def parse_two_scores(text: str) -> tuple[float, float] | None:
-    """Two 1-10 scores: `[[8, 6]]`, `[[8]] ... [[6]]`, a line `8 6`, or `Assistant 1: 8 ... Assistant 2: 6`."""
-    candidates = re.findall(rf"\[\[\s*{_NUM}\s*[,;/ ]\s*{_NUM}\s*\]\]", text)
-    if not candidates:
-        singles = re.findall(rf"\[\[\s*{_NUM}\s*\]\]", text)
-        if len(singles) == 2:
-            candidates = [tuple(singles)]
-    if not candidates:
-        one = re.search(rf"assistant\s*(?:1|a)\s*[:\-]\s*\**\s*{_NUM}.*?assistant\s*(?:2|b)\s*[:\-]\s*\**\s*{_NUM}",
-                        text, flags=re.IGNORECASE | re.DOTALL)  # fmt: skip
-        if one:
-            candidates = [one.groups()]
-    if not candidates:
-        lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-        for line in (lines[:1] + lines[-1:]) if lines else []:
-            m = re.fullmatch(rf"{_NUM}\s*(?:/\s*10)?\s*[, ]\s*{_NUM}\s*(?:/\s*10)?", line)
-            if m:
-                candidates = [m.groups()]
-                break
-    if not candidates:
+def due_references(question: Question, turn: int, reference_categories) -> list[str] | None:
+    """The reference answers up to `turn` when the question's category gets them (MT-bench: math,
+    reasoning, coding) and it has one for every turn so far; else None (the judge sees none)."""
+    if question.category not in reference_categories:
         return None
-    a, b = (_in_range(float(x)) for x in candidates[-1])
-    return (a, b) if a is not None and b is not None else None
+    references = [question.reference_for(i) for i in range(turn + 1)]
+    return references if all(references) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,46 +178,57 @@ def model_pairs(models: list[str], baseline: str | None) -> list[tuple[str, str]
 
 
 def build_tasks(mode: str, questions: list[Question], answers: dict[str, dict], models: list[str],
-                prompts: dict[str, JudgePrompt], judge_model: str, baseline: str | None = None,
-                swap: bool = True) -> tuple[list[Task], int]:
+                prompts: PromptSet, judge_model: str, baseline: str | None = None, swap: bool = True,
+                reference_categories=REFERENCE_CATEGORIES) -> tuple[list[Task], int]:
     """(tasks, missing): one task per question turn and model (single), or per turn, pair and order
     (pairwise, relative). `answers[model][question_id]` is an answer record; a question a model has
-    not answered is counted in `missing` and not asked."""
+    not answered is counted in `missing` and not asked. Reference answers reach the judge only for
+    questions in `reference_categories`."""
+    if mode == "relative" and not baseline:
+        raise ValueError("mode=relative needs `baseline` (the reference model the others are scored against)")
+    prompts.select(mode, 0, False)  # prompts without one for this mode fail before anything is asked
     tasks: list[Task] = []
     missing = 0
-    prompt = prompts[mode]
     for q in questions:
         for turn in range(len(q.turns)):
             base = {"mode": mode, "judge": judge_model, "question_id": q.question_id, "category": q.category,
                     "turn": turn + 1}  # fmt: skip
-            if mode == "single":
-                for model in models:
-                    answer = answers[model].get(q.question_id)
-                    if answer is None or len(answer["turns"]) <= turn:
-                        missing += 1
-                        continue
-                    messages = render(prompt, q, turn, conversation=transcript(q, answer["turns"], turn))
-                    tasks.append(Task(_key(judge_model, messages), messages, {**base, "model": model}, parse_score))
-                continue
-            if mode == "relative" and not baseline:
-                raise ValueError("mode=relative needs `baseline` (the reference model the others are scored against)")
-            for a, b in model_pairs(models, baseline):
+            for names in _matchups(mode, models, baseline, swap):
+                records = [answers[name].get(q.question_id) for name in names]
+                if any(r is None or len(r["turns"]) <= turn for r in records):
+                    missing += 1
+                    continue
+                record = {**base, "model": names[0]} if mode == "single" else {**base, "model_1": names[0],
+                                                                                 "model_2": names[1]}  # fmt: skip
                 if mode == "relative":
-                    a, b = b, a  # Vicuna's order: the reference model is assistant 1
-                orders = [(a, b), (b, a)] if swap else [(a, b)]
-                for first, second in orders:
-                    ans1, ans2 = answers[first].get(q.question_id), answers[second].get(q.question_id)
-                    if ans1 is None or ans2 is None or min(len(ans1["turns"]), len(ans2["turns"])) <= turn:
-                        missing += 1
-                        continue
-                    messages = render(prompt, q, turn, conversation_a=transcript(q, ans1["turns"], turn),
-                                      conversation_b=transcript(q, ans2["turns"], turn))
-                    record = {**base, "model_1": first, "model_2": second}
-                    if mode == "relative":
-                        record["baseline"] = baseline
-                    parse = parse_verdict if mode == "pairwise" else parse_two_scores
-                    tasks.append(Task(_key(judge_model, messages), messages, record, parse))
+                    record["baseline"] = baseline
+                tasks.append(_task(prompts, mode, q, turn, [r["turns"] for r in records], record, judge_model,
+                                   reference_categories))  # fmt: skip
     return tasks, missing
+
+
+def _matchups(mode: str, models: list[str], baseline: str | None, swap: bool) -> list[tuple[str, ...]]:
+    """Who is judged together: each model alone (single), or each pair in one or both orders."""
+    if mode == "single":
+        return [(m,) for m in models]
+    matchups = []
+    for a, b in model_pairs(models, baseline):
+        if mode == "relative":
+            a, b = b, a  # Vicuna's order: the reference model is assistant 1
+        matchups += [(a, b), (b, a)] if swap else [(a, b)]
+    return matchups
+
+
+def _task(prompts: PromptSet, mode: str, question: Question, turn: int, answers: list[list[str]], record: dict,
+          judge_model: str, reference_categories) -> Task:
+    references = due_references(question, turn, reference_categories)
+    prompt = prompts.select(mode, turn, references is not None)
+    if prompt.output_format != MODE_FORMATS[mode]:
+        raise DataError(f"{prompts.path}: prompt '{prompt.name}': output_format {prompt.output_format!r} does not "
+                        f"fit mode={mode} (needs {MODE_FORMATS[mode]!r})")  # fmt: skip
+    messages = render(prompt, question, turn, answers, references)
+    record = {**record, "prompt": prompt.name, "reference": references is not None}
+    return Task(_key(judge_model, messages), messages, record, OUTPUT_FORMATS[prompt.output_format])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +297,8 @@ def grade(tasks: list[Task], judge, params: SamplingParams, out_path: str | Path
                 continue
             parsed = task.parse(text)
             record = {**task.record, **verdict_fields(task.record["mode"], task.record, parsed),
-                      "parsed": parsed is not None, "judgment": text, "key": task.key, "tstamp": time.time()}
+                      "parsed": parsed is not None, "judgment": text, "user_prompt": task.messages[-1]["content"],
+                      "key": task.key, "tstamp": time.time()}
             append_line(out_path, json.dumps(record, ensure_ascii=False))
             report.asked += 1
             report.latencies.append(latency)

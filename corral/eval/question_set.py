@@ -62,3 +62,40 @@ def read_questions(path: str) -> list[Question]:
     if not questions:
         raise DataError(f"{path}: no questions")
     return questions
+
+
+def stratified_sample(questions: list[Question], n: int, seed: int = 0) -> list[Question]:
+    """`n` questions spread evenly across categories, in file order.
+
+    A question file is usually sorted by category (MT-bench's first 10 lines are all `writing`), so
+    its first N lines measure one category. Here each category gets N / (number of categories),
+    the remainder going to categories picked at random; within a category the questions are a
+    seeded random choice. The same seed picks the same questions, so `corral judge answer` and
+    `corral judge grade` with the same `limit` and `limit_seed` agree."""
+    import random
+
+    if not n or n >= len(questions):
+        return list(questions)
+    rng = random.Random(seed)
+    by_category: dict[str, list[int]] = {}
+    for i, q in enumerate(questions):
+        by_category.setdefault(q.category, []).append(i)
+    pools = [rng.sample(indices, len(indices)) for indices in by_category.values()]
+    rng.shuffle(pools)
+    chosen: list[int] = []
+    while len(chosen) < n:  # round-robin: one from each category with questions left, in turn
+        for pool in pools:
+            if pool and len(chosen) < n:
+                chosen.append(pool.pop())
+    return [questions[i] for i in sorted(chosen)]
+
+
+def describe_sample(chosen: list[Question], total: int, seed: int) -> str:
+    """What `limit` picked, for the command to print: how many of how many, and per category."""
+    if len(chosen) == total:
+        return f"all {total} questions"
+    counts: dict[str, int] = {}
+    for q in chosen:
+        counts[q.category] = counts.get(q.category, 0) + 1
+    spread = ", ".join(f"{c} {k}" for c, k in sorted(counts.items()))
+    return f"{len(chosen)} of {total} questions, a stratified sample across {len(counts)} categories (seed {seed}: {spread})"

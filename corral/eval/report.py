@@ -49,10 +49,14 @@ def single_scores(records: list[dict], rounds: int = 1000, seed: int = 0) -> dic
     for model in sorted({r["model"] for r in records}):
         rows = [r for r in records if r["model"] == model]
         scores = [r["score"] for r in rows if r.get("parsed")]
-        categories = defaultdict(list)
-        for r in rows:
+        categories: dict[str, list] = {}
+        unparsed: dict[str, int] = defaultdict(int)
+        for r in rows:  # every category with a judgment is listed, its mean None when none parsed
+            in_category = categories.setdefault(r["category"], [])
             if r.get("parsed"):
-                categories[r["category"]].append(r["score"])
+                in_category.append(r["score"])
+            else:
+                unparsed[r["category"]] += 1
         by_model[model] = {
             "mean": float(np.mean(scores)) if scores else None,
             "ci95": bootstrap_ci(scores, rounds=rounds, seed=seed) if scores else None,
@@ -60,7 +64,8 @@ def single_scores(records: list[dict], rounds: int = 1000, seed: int = 0) -> dic
             "unparseable": sum(not r.get("parsed") for r in rows),
             "by_turn": {t: float(np.mean(s)) for t in (1, 2)
                         if (s := [r["score"] for r in rows if r.get("parsed") and r["turn"] == t])},
-            "categories": {c: float(np.mean(v)) for c, v in sorted(categories.items())},
+            "categories": {c: float(np.mean(v)) if v else None for c, v in sorted(categories.items())},
+            "category_unparseable": dict(sorted(unparsed.items())),
         }  # fmt: skip
     return by_model
 
@@ -233,11 +238,13 @@ def elo_ratings(games: list[dict], models: list[str], rounds: int = 200, seed: i
 # The report
 
 
-def build_report(judgments_dir: str | Path, baseline: str | None = None, rounds: int = 1000, seed: int = 0) -> dict:
+def build_report(judgments_dir: str | Path, baseline: str | None = None, rounds: int = 1000, seed: int = 0,
+                 extra: dict[str, list[dict]] | None = None) -> dict:
+    """The report over `judgments_dir/MODE.jsonl`, plus `extra` judgments by mode (FastChat's, read in)."""
     judgments_dir = Path(judgments_dir)
-    single = read_jsonl(judgments_dir / "single.jsonl")
-    pairwise = read_jsonl(judgments_dir / "pairwise.jsonl")
-    relative = read_jsonl(judgments_dir / "relative.jsonl")
+    extra = extra or {}
+    single, pairwise, relative = (read_jsonl(judgments_dir / f"{mode}.jsonl") + extra.get(mode, [])
+                                  for mode in ("single", "pairwise", "relative"))  # fmt: skip
     if not (single or pairwise or relative):
         raise FileNotFoundError(f"{judgments_dir}: no judgments (run `corral judge grade` first)")
     report: dict = {"judges": sorted({r["judge"] for r in single + pairwise + relative}), "baseline": baseline}
@@ -266,6 +273,13 @@ def _ci(ci, digits: int = 2) -> str:
     return "-" if not ci or any(math.isnan(v) for v in ci) else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
+def _category_cell(scores: dict, category: str) -> str:
+    """A model's mean in a category; a category it was judged in with no parsed judgment says so."""
+    if category in scores["categories"] and scores["categories"][category] is None:
+        return f"no parsed judgment ({scores.get('category_unparseable', {}).get(category, 0)} unparseable)"
+    return _fmt(scores["categories"].get(category))
+
+
 def to_markdown(report: dict) -> str:
     lines = ["# Corral judge report", "", f"Judge: {', '.join(report['judges'])}"
              + (f"; baseline: {report['baseline']}" if report.get("baseline") else ""), ""]  # fmt: skip
@@ -280,7 +294,7 @@ def to_markdown(report: dict) -> str:
         lines += ["", "### By category", "", "| category | " + " | ".join(models) + " |",
                   "|---|" + "---:|" * len(models)]  # fmt: skip
         for c in categories:
-            lines.append(f"| {c} | " + " | ".join(_fmt(report["single"][m]["categories"].get(c)) for m in models) + " |")
+            lines.append(f"| {c} | " + " | ".join(_category_cell(report["single"][m], c) for m in models) + " |")
         lines.append("")
     if report.get("relative"):
         lines += ["## Relative score (sum of the model's scores / sum of the baseline's)", "",
@@ -330,8 +344,12 @@ def plots(report: dict) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(categories) + 2), 4))
         width = 0.8 / max(1, len(models))
         for k, m in enumerate(models):
-            values = [report["single"][m]["categories"].get(c, 0) for c in categories]
-            ax.bar(np.arange(len(categories)) + k * width, values, width, label=m)
+            means = [report["single"][m]["categories"].get(c) for c in categories]
+            x = np.arange(len(categories)) + k * width
+            ax.bar(x, [v or 0 for v in means], width, label=m)
+            for xi, c, v in zip(x, categories, means):
+                if v is None and c in report["single"][m]["categories"]:  # judged, none parsed: shown, not dropped
+                    ax.text(xi, 0.2, "no parsed\njudgment", rotation=90, ha="center", va="bottom", fontsize=7)
         ax.set_xticks(np.arange(len(categories)) + width * (len(models) - 1) / 2, categories, rotation=30, ha="right")
         ax.set_ylim(0, 10)
         ax.set_ylabel("mean score (1-10)")
@@ -400,8 +418,8 @@ def _data_uri(images_dir: Path, src: str) -> str:
 
 
 def write_report(judgments_dir: str | Path, out_dir: str | Path, baseline: str | None = None, rounds: int = 1000,
-                 seed: int = 0) -> dict[str, Path]:
-    report = build_report(judgments_dir, baseline, rounds, seed)
+                 seed: int = 0, extra: dict[str, list[dict]] | None = None) -> dict[str, Path]:
+    report = build_report(judgments_dir, baseline, rounds, seed, extra)
     markdown = to_markdown(report)
     out_dir = Path(out_dir)
     paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md", "html": out_dir / "report.html"}

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from corral.config import EMBEDDED_MODEL, JudgeAnswerConfig, JudgeGradeConfig, JudgeReportConfig
-from corral.eval.question_set import read_questions
+from corral.eval.question_set import describe_sample, read_questions, stratified_sample
 from corral.generate.sampling import SamplingParams
 
 
@@ -22,10 +22,17 @@ def api_backend(url: str, model: str, key_env: str, retries: int, timeout: float
     return APIBackend(client, model, send_extensions=send_extensions)
 
 
+def load_questions(path: str, limit: int, seed: int) -> tuple[list, str]:
+    """The questions to use (a stratified sample when `limit` is set) and a line saying which."""
+    every = read_questions(path)
+    questions = stratified_sample(every, limit, seed)
+    return questions, f"{describe_sample(questions, len(every), seed)} from {path}"
+
+
 def answer(cfg: JudgeAnswerConfig) -> dict:
     from corral.eval.answer import generate_answers
 
-    questions = read_questions(cfg.questions)[: cfg.limit or None]
+    questions, picked = load_questions(cfg.questions, cfg.limit, cfg.limit_seed)
     answers_dir = Path(cfg.output_dir) / "answers"
     params = SamplingParams(max_new_tokens=cfg.max_tokens, top_p=cfg.top_p, seed=cfg.seed,
                             repetition_penalty=cfg.repetition_penalty or 1.0)  # fmt: skip
@@ -45,7 +52,7 @@ def answer(cfg: JudgeAnswerConfig) -> dict:
         served = load_served_models(cfg.models or [EMBEDDED_MODEL], template=cfg.template, dtype=cfg.dtype,
                                     max_batch=cfg.max_batch)  # fmt: skip
         backends = {name: LocalBackend(s.engine, s.template, s.adapter) for name, s in served.items()}
-    print(f"{len(questions)} questions from {cfg.questions}; answers -> {answers_dir}/", flush=True)
+    print(f"{picked}; answers -> {answers_dir}/", flush=True)
     try:
         stats = generate_answers(backends, questions, answers_dir, params, temperature=cfg.temperature,
                                  system=cfg.system, concurrency=cfg.concurrency)  # fmt: skip
@@ -54,6 +61,11 @@ def answer(cfg: JudgeAnswerConfig) -> dict:
             from corral.serve.models import close_all
 
             close_all(served)
+    if cfg.fastchat_answers:
+        from corral.eval.fastchat import write_fastchat_answers
+
+        for written in write_fastchat_answers(answers_dir, cfg.output_dir, list(stats)):
+            print(f"FastChat layout: {written}")
     failed = False
     for model, s in stats.items():
         print(f"{model}: {s['new']} answered now, {s['done_before']} already in {s['file']}"
@@ -70,25 +82,31 @@ def grade(cfg: JudgeGradeConfig):
 
     if not cfg.judge_api:
         raise ValueError("judge_api: set the judge's OpenAI-compatible URL (--judge-api http://HOST/v1)")
-    questions = read_questions(cfg.questions)[: cfg.limit or None]
+    questions, picked = load_questions(cfg.questions, cfg.limit, cfg.limit_seed)
     out = Path(cfg.output_dir)
-    models = cfg.models or answered_models(out / "answers")
+    answers_dir = Path(cfg.answers_dir) if cfg.answers_dir else out / "answers"
+    models = cfg.models or answered_models(answers_dir)
     needed = list(dict.fromkeys(models + ([cfg.baseline] if cfg.baseline else [])))
     if len(needed) < (1 if cfg.mode == "single" else 2):
         raise ValueError(f"mode={cfg.mode} needs {'one model' if cfg.mode == 'single' else 'two models'} with answers "
-                         f"in {out / 'answers'} (found: {', '.join(needed) or 'none'})")  # fmt: skip
-    answers = load_answers(out / "answers", needed)
+                         f"in {answers_dir} (found: {', '.join(needed) or 'none'})")  # fmt: skip
+    answers = load_answers(answers_dir, needed)
     prompts = load_prompts(cfg.prompts or None)
-    tasks, missing = build_tasks(cfg.mode, questions, answers, needed,
-                                 prompts, cfg.judge_model, baseline=cfg.baseline, swap=cfg.swap)  # fmt: skip
+    tasks, missing = build_tasks(cfg.mode, questions, answers, needed, prompts, cfg.judge_model, baseline=cfg.baseline,
+                                 swap=cfg.swap, reference_categories=cfg.reference_categories)  # fmt: skip
     judge = api_backend(cfg.judge_api, cfg.judge_model, cfg.judge_key_env, cfg.retries, cfg.timeout)
     params = SamplingParams(max_new_tokens=cfg.max_tokens, temperature=cfg.temperature)
     path = out / "judgments" / f"{cfg.mode}.jsonl"
-    print(f"judge {cfg.judge_model} at {cfg.judge_api}: {len(tasks)} {cfg.mode} judgments of "
-          f"{', '.join(needed)} on {len(questions)} questions -> {path}", flush=True)  # fmt: skip
+    print(f"judge {cfg.judge_model} at {cfg.judge_api} ({prompts.kind} prompts from {prompts.path}): {len(tasks)} "
+          f"{cfg.mode} judgments of {', '.join(needed)} on {picked} -> {path}", flush=True)  # fmt: skip
     result = run_grade(tasks, judge, params, path, concurrency=cfg.concurrency)
     result.missing_answers = missing
     print(result.summary())
+    if cfg.fastchat_judgments:
+        from corral.eval.fastchat import write_fastchat_judgments
+
+        for written in write_fastchat_judgments(out / "judgments", out):
+            print(f"FastChat layout: {written}")
     if result.errors:
         sys.exit(f"corral judge grade: {len(result.errors)} judgments failed; run the same command again to ask only those")
     return result
@@ -98,7 +116,16 @@ def report(cfg: JudgeReportConfig) -> dict:
     from corral.eval.report import write_report
 
     out = Path(cfg.output_dir)
-    paths = write_report(out / "judgments", out, baseline=cfg.baseline, rounds=cfg.bootstrap, seed=cfg.seed)
+    extra: dict[str, list] = {}
+    if cfg.fastchat:
+        from corral.eval.fastchat import read_fastchat_judgments
+
+        questions = read_questions(cfg.questions)
+        for path in cfg.fastchat:
+            for record in read_fastchat_judgments(path, questions):
+                extra.setdefault(record["mode"], []).append(record)
+    paths = write_report(out / "judgments", out, baseline=cfg.baseline, rounds=cfg.bootstrap, seed=cfg.seed,
+                         extra=extra)  # fmt: skip
     print(paths["markdown"].read_text())
     print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
     return paths

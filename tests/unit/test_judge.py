@@ -17,7 +17,7 @@ import pytest
 from corral.atomic import read_jsonl
 from corral.data.formats import DataError
 from corral.eval.answer import answer_file, generate_answers, load_answers
-from corral.eval.judge import build_tasks, grade, load_prompts, parse_score, parse_two_scores, parse_verdict
+from corral.eval.judge import build_tasks, grade, load_prompts
 from corral.eval.question_set import Question, read_questions
 from corral.eval.report import bradley_terry, build_report, resolve_pairwise, write_report
 from corral.generate.sampling import SamplingParams
@@ -25,53 +25,6 @@ from corral.recipes.judge import api_backend
 from tests.fake_openai import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-# ---------------------------------------------------------------------------------------------
-# Parsing
-
-
-@pytest.mark.parametrize("text,expected", [
-    ("Clear and correct. Rating: [[8]]", 8.0),
-    ("[[7.5]]", 7.5),
-    ("Rating: [[9/10]]", 9.0),
-    ("Overall rating: 6/10", 6.0),
-    ("Score: 4", 4.0),
-    ("I'd give it [5].", 5.0),
-    ("It scores 3 out of 10.", 3.0),
-    ("first thought [[2]] but on reflection [[6]]", 6.0),  # the last explicit grade
-    ("Rating: [[11]]", None),  # out of range: not clamped into a score
-    ("Rating: [[0]]", None),
-    ("The answer is fine.", None),
-])  # fmt: skip
-def test_parse_score(text, expected):
-    assert parse_score(text) == expected
-
-
-@pytest.mark.parametrize("text,expected", [
-    ("A is more accurate. [[A]]", "A"),
-    ("[[B]]", "B"),
-    ("Both are equally vague. [[C]]", "tie"),
-    ("[[tie]]", "tie"),
-    ("Final verdict: B", "B"),
-    ("The winner is Assistant A.", "A"),
-    ("[[A]] ... actually [[B]]", None),  # contradictory: unparseable, not a guess
-    ("They both have merits.", None),
-])  # fmt: skip
-def test_parse_verdict(text, expected):
-    assert parse_verdict(text) == expected
-
-
-@pytest.mark.parametrize("text,expected", [
-    ("Both fine. [[8, 6]]", (8.0, 6.0)),
-    ("[[7]] and [[9]]", (7.0, 9.0)),
-    ("8 6\nAssistant 1 is more detailed.", (8.0, 6.0)),
-    ("Assistant 1: 5/10, concise. Assistant 2: 9/10, thorough.", (5.0, 9.0)),
-    ("[[8, 12]]", None),
-    ("Assistant 1 is better.", None),
-])  # fmt: skip
-def test_parse_two_scores(text, expected):
-    assert parse_two_scores(text) == expected
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +71,7 @@ def test_fastchat_question_format_and_errors(tmp_path):
 
 def test_prompts_file_is_validated(tmp_path):
     prompts = load_prompts()
-    assert set(prompts) == {"single", "pairwise", "relative"}
+    assert prompts.kind == "corral" and set(prompts.prompts) == {"single", "pairwise", "relative"}
     text = (ROOT / "corral" / "eval" / "prompts" / "judge_prompts.yaml").read_text()
     broken = tmp_path / "p.yaml"
     broken.write_text(text.replace("{conversation_b}\n    </assistant_b>", "{second}\n    </assistant_b>"))
@@ -495,3 +448,36 @@ def test_cli_errors_are_clear(tmp_path):
     assert done.returncode == 1 and "no judgments" in done.stderr
     done = corral("answer", "questions=builtin:nope")
     assert done.returncode == 1 and "nothing built in is named 'nope' (known: corral_questions)" in done.stderr
+
+
+def test_limit_is_a_stratified_sample():
+    from corral.eval.question_set import describe_sample, stratified_sample
+
+    questions = read_questions("builtin:corral_questions")  # sorted by category, 7 in each of 13
+    first = stratified_sample(questions, 13, seed=0)
+    assert len({q.category for q in first}) == 13  # the first 13 lines would be generic and knowledge only
+    assert first == stratified_sample(questions, 13, seed=0) and first != stratified_sample(questions, 13, seed=1)
+    assert [questions.index(q) for q in first] == sorted(questions.index(q) for q in first)  # file order kept
+    counts = {}
+    for q in stratified_sample(questions, 20, seed=3):
+        counts[q.category] = counts.get(q.category, 0) + 1
+    assert sum(counts.values()) == 20 and set(counts.values()) == {1, 2} and len(counts) == 13
+    assert stratified_sample(questions, 0) == questions == stratified_sample(questions, 500)
+    line = describe_sample(first, len(questions), 0)
+    assert line.startswith("13 of 91 questions, a stratified sample across 13 categories (seed 0: coding 1,")
+
+
+def test_report_shows_categories_without_a_parsed_judgment(tmp_path):
+    rows = [{"mode": "single", "judge": "j", "question_id": i, "turn": 1, "model": m, "category": c,
+             "score": s, "parsed": s is not None}
+            for i, (m, c, s) in enumerate([("a", "writing", 8.0), ("a", "extraction", None), ("a", "extraction", None),
+                                           ("b", "writing", 6.0), ("b", "extraction", 5.0)])]  # fmt: skip
+    (tmp_path / "judgments").mkdir()
+    (tmp_path / "judgments" / "single.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = build_report(tmp_path / "judgments", rounds=20)
+    assert report["single"]["a"]["categories"] == {"extraction": None, "writing": 8.0}
+    assert report["single"]["a"]["category_unparseable"] == {"extraction": 2}
+    paths = write_report(tmp_path / "judgments", tmp_path, rounds=20)
+    assert "| extraction | no parsed judgment (2 unparseable) | 5.00 |" in paths["markdown"].read_text()
+    table = next(t for t in html_tables(paths["html"].read_text()) if t[0][0] == "category")
+    assert ["extraction", "no parsed judgment (2 unparseable)", "5.00"] in table

@@ -108,7 +108,7 @@ def test_lion_trains_the_loop(tiny_tokenizer, tmp_path):
     rows = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
     with torch.no_grad():
         total, count = sft_loss(start.eval(), collate(rows_for(tiny_tokenizer), tiny_tokenizer.pad_token_id))
-    assert rows[0]["loss"] == pytest.approx(total.item() / count, rel=1e-5)
+    assert rows[0]["loss"] == pytest.approx(total.item() / float(count), rel=1e-5)
 
 
 def test_cosine_schedule_warms_up_and_decays(tiny_tokenizer, tmp_path):
