@@ -457,3 +457,27 @@ def test_embedded_model_f16_keeps_tokens_and_greedy_replies(tmp_path, monkeypatc
             if p.ndim >= 2:
                 p.copy_(p.half().float())
     assert greedy(load_gguf(path), ids, 6) == greedy(model, ids, 6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outtype", ["f32", "f16"])
+def test_llama_cpp_reads_the_file_as_corral_does(outtype, tiny_model_dir, tmp_path, tiny_tokenizer, prompt):
+    """With llama-cpp-python installed: llama.cpp tokenizes the prompt to Corral's ids, continues it greedily with
+    the same tokens as the source model (rounded as the file stores it), and carries the chat template Corral
+    trained with. Skips without the package (CI does not build llama.cpp)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the gguf_quant extra) is not installed")
+    path = export(tiny_model_dir, tmp_path, outtype, template="chatml")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, verbose=False)
+    text = tiny_tokenizer.decode(prompt)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == prompt
+    steps = 6
+    theirs = []
+    for token in llm.generate(prompt, temp=0.0):
+        theirs.append(token)
+        if len(theirs) == steps:
+            break
+    source = load_source(tiny_model_dir) if outtype == "f32" else rounded(load_source(tiny_model_dir), torch.float16)
+    assert theirs == greedy(source, prompt, steps)[len(prompt):]
+    from corral.chat.templates import get_template
+
+    assert llm.metadata["tokenizer.chat_template"] == get_template("chatml", tiny_tokenizer).chat_template_jinja
