@@ -81,6 +81,11 @@ class MixtureFields(Section):
                        "empty: all of it.")
     split_stage: int = Field(0, ge=0, description="Which part of `split` this run uses (0-based: SFT 0, reward 1, RL 2).")
     split_seed: int = Field(1234, description="Seed of the stage split: every stage must use the same one.")
+    template_system: bool = Field(True, description="Let the template add its default system prompt to records that "
+                                  "have none (template=auto on SmolLM2 adds 'You are a helpful AI assistant named "
+                                  "SmolLM...'; the run says so when a template does). false: such records get an empty "
+                                  "system message instead, so no text the data does not have is added (a template that "
+                                  "renders system turns still writes an empty one).")
 
 
 class DataConfig(MixtureFields):

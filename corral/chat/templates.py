@@ -139,6 +139,17 @@ class _Renderer:
         check_conversation(conv, for_training=not add_generation_prompt)
         return "".join(text for text, _ in self.segments(conv, add_generation_prompt))
 
+    def added_system_text(self) -> str:
+        """The text this template adds to a conversation with no system message, beyond what an empty system
+        message gives: a default system prompt (SmolLM2's own template, vicuna_v1.1's), or "" when there is none."""
+        import difflib
+
+        probe = ("user", "corral-probe")
+        bare = self.render_text(Conversation.from_pairs(probe), add_generation_prompt=True)
+        empty = self.render_text(Conversation.from_pairs(probe, system=""), add_generation_prompt=True)
+        ops = difflib.SequenceMatcher(a=empty, b=bare, autojunk=False).get_opcodes()
+        return "".join(bare[j1:j2] for tag, _, _, j1, j2 in ops if tag in ("insert", "replace")).strip()
+
     def render(self, conv: Conversation) -> list[int]:
         """Token ids of a prompt (conversation ending with a user message) plus the generation prompt."""
         check_conversation(conv, for_training=False)

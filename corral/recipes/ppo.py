@@ -30,7 +30,7 @@ from corral.config import PPOConfig
 from corral.generate.sampling import SamplingParams
 from corral.models.forward import unwrap
 from corral.models.load import load_tokenizer, resolve_model
-from corral.recipes.runs import RecipeResult, begin_run, data_of, saver
+from corral.recipes.runs import RecipeResult, begin_run, data_of, saver, system_prompt_policy
 from corral.train.harness import Harness
 from corral.train.loop import StepPlan, optim_values
 from corral.train.metrics import MetricsLog, plot_panels
@@ -172,11 +172,13 @@ def read_rl_prompts(cfg: PPOConfig, template, log) -> list[Conversation]:
                      need_reply=False)  # fmt: skip
     convs = load_records(reader, cfg.data.path, cfg.data.sources, cfg.data.mix_seed, cfg.data.split,
                          cfg.data.split_stage, cfg.data.split_seed, log)  # fmt: skip
+    as_seen = system_prompt_policy(template, cfg.data.template_system, log)
     prompts, too_long = [], 0
     for conv in convs:
         prompt = prompt_of(conv)
         if prompt is None:
             continue
+        prompt = as_seen(prompt)
         if len(template.render(prompt)) > cfg.data.max_prompt_len:
             too_long += 1
             continue

@@ -28,6 +28,29 @@ def train_summary(train, **more) -> dict:
             "resumed_from": train.resumed_from, "metrics": str(train.metrics_path), **more}  # fmt: skip
 
 
+def system_prompt_policy(template, keep_default: bool, log):
+    """Say once what the template adds to records without a system message, and return the function that puts
+    each conversation as training and prompting will see it: unchanged, or (keep_default false) with an empty
+    system message so the template adds nothing the data does not have."""
+    from corral.chat.conversation import Conversation, Message
+
+    added = template.added_system_text()
+    if added and keep_default:
+        log(f"note: template '{template.name}' adds a system prompt to every record without one: {added[:120]!r}; "
+            "data.template_system=false leaves it out")
+    if keep_default or not added:
+        return lambda conv: conv
+    log(f"data.template_system=false: records without a system message get an empty one (template "
+        f"'{template.name}' would add {added[:60]!r})")
+
+    def without_default(conv: Conversation) -> Conversation:
+        if conv.messages and conv.messages[0].role == "system":
+            return conv
+        return Conversation([Message("system", ""), *conv.messages], conv.source, conv.id)
+
+    return without_default
+
+
 def data_of(data) -> str:
     """What a data section reads, for the model card: its path, or its mixture's sources."""
     return data.path or ", ".join(source.path for source in data.sources)
@@ -79,9 +102,10 @@ def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
     return [c for i, c in enumerate(records) if i not in held], [c for i, c in enumerate(records) if i in held]
 
 
-def preference_rows(data, fmt, max_len: int, seed: int, to_rows, log) -> tuple[list, list]:
+def preference_rows(data, template, max_len: int, seed: int, to_rows, log) -> tuple[list, list]:
     """Train and held-out rows from a PreferenceDataConfig: file or mixture, stage split, eval split,
-    `to_rows(pairs, fmt, max_len) -> (rows, dropped_too_long)`."""
+    `to_rows(pairs, template, max_len) -> (rows, dropped_too_long)`."""
+    import dataclasses
     reader = partial(read_preferences, data_format=data.format, skip_invalid=data.skip_invalid)
     pairs = load_records(reader, data.path, data.sources, data.mix_seed, data.split, data.split_stage,
                          data.split_seed, log)
@@ -91,8 +115,11 @@ def preference_rows(data, fmt, max_len: int, seed: int, to_rows, log) -> tuple[l
         train_pairs = pairs
     else:
         train_pairs, eval_pairs = split_eval(pairs, data.eval_fraction, seed)
-    rows, too_long = to_rows(train_pairs, fmt, max_len)
-    eval_rows, eval_too_long = to_rows(eval_pairs, fmt, max_len)
+    as_seen = system_prompt_policy(template, data.template_system, log)
+    train_pairs, eval_pairs = ([dataclasses.replace(p, prompt=as_seen(p.prompt)) for p in part]
+                               for part in (train_pairs, eval_pairs))  # fmt: skip
+    rows, too_long = to_rows(train_pairs, template, max_len)
+    eval_rows, eval_too_long = to_rows(eval_pairs, template, max_len)
     dropped = too_long + eval_too_long
     log(f"{len(rows)} training pairs, {len(eval_rows)} held out"
         + (f"; dropped {dropped} longer than train.max_len={max_len}" if dropped else ""))

@@ -13,7 +13,7 @@ from corral.data.pack import collate, pack_rows, single_rows
 from corral.models.adapters import add_lora, add_prefix, is_adapter, trainable_parameter_count
 from corral.models.forward import final_hidden, output_head
 from corral.models.load import load_model, load_tokenizer
-from corral.recipes.runs import RecipeResult, begin_run, data_of, saver, split_eval, train_summary
+from corral.recipes.runs import RecipeResult, begin_run, data_of, saver, system_prompt_policy, split_eval, train_summary
 from corral.train.loop import train
 from corral.train.losses import token_nll_sum
 
@@ -53,6 +53,8 @@ def run(cfg: SFTConfig) -> RecipeResult:
         log(eval_report.summary())
     else:
         train_convs, eval_convs = split_eval(conversations, cfg.data.eval_fraction, cfg.train.seed)
+    as_seen = system_prompt_policy(template, cfg.data.template_system, log)
+    train_convs, eval_convs = [as_seen(c) for c in train_convs], [as_seen(c) for c in eval_convs]
     samples, split_report = conversations_to_samples(train_convs, template, cfg.train.max_len)
     log(f"train: {split_report.summary()}")
     pack = cfg.data.pack and cfg.method != "prefix"

@@ -145,3 +145,26 @@ def _plain_tokenizer():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
     tok.train_from_iterator(["hello world"], trainer)
     return tok
+
+
+def test_a_template_that_adds_a_system_prompt_says_so_and_can_leave_it_out(tiny_tokenizer):
+    """template=auto on a tokenizer whose template adds a default system prompt (as SmolLM2's does): the text is
+    found, the run says so once, and data.template_system=false renders records without it."""
+    from corral.chat.conversation import Conversation
+    from corral.recipes.runs import system_prompt_policy
+
+    auto = get_template("auto", tiny_tokenizer)
+    assert auto.added_system_text() == "You are a tiny test model."
+    assert get_template("chatml", tiny_tokenizer).added_system_text() == ""
+    assert get_template("vicuna_v1.1", tiny_tokenizer).added_system_text().startswith("A chat between a curious user")
+    conv = Conversation.from_pairs(("user", "Who are you?"), ("assistant", "Corral."))
+    said = []
+    keep = system_prompt_policy(auto, True, said.append)
+    assert keep(conv) is conv and len(said) == 1 and "You are a tiny test model." in said[0]
+    leave_out = system_prompt_policy(auto, False, said.append)
+    text = auto.render_text(leave_out(conv), add_generation_prompt=False)
+    assert "tiny test model" not in text and text.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nWho")
+    with_system = Conversation.from_pairs(("user", "Hi"), ("assistant", "Hello"), system="Be brief.")
+    assert leave_out(with_system) is with_system  # a record's own system message is never touched
+    said.clear()
+    assert system_prompt_policy(get_template("chatml", tiny_tokenizer), True, said.append)(conv) is conv and not said
