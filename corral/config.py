@@ -414,7 +414,17 @@ class ServeConfig(Section):
     votes: str = Field("arena_votes.jsonl", description="Arena votes from the web chat are appended here (JSONL).")
     engine: Literal["transformers", "vllm"] = Field("transformers", description="`vllm` needs a CUDA GPU.")
     max_batch: int = Field(32, ge=1, description="Most sequences decoded together (continuous batching).")
-    max_tokens: int = Field(512, ge=1, description="Reply length when a request gives no max_tokens.")
+    max_tokens: int = Field(512, ge=1, description="Reply length when a request gives no max_tokens (less where the "
+                            "prompt leaves less of the context).")
+    max_tokens_limit: int | None = Field(None, ge=1, description="The most tokens a request may ask for (a 400 above "
+                                         "it). Unset: the model's context, less the prompt.")
+    max_queue: int = Field(256, ge=0, description="Replies that may wait for a place in a full batch; past it a "
+                           "request gets 429 with Retry-After.")
+    max_request_mb: float = Field(4.0, gt=0, description="Largest request body in MB (10^6 bytes); a 413 above it.")
+    request_timeout: float | None = Field(None, gt=0, description="Seconds a request may take; one still generating "
+                                          "then is cancelled and answered 408. Unset: no limit.")
+    shutdown_timeout: float = Field(30.0, ge=0, description="On SIGTERM/Ctrl-C: seconds to let running requests "
+                                    "finish before they are cancelled; new connections are refused at once.")
     dtype: DType = "auto"
 
 

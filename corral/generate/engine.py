@@ -39,7 +39,9 @@ import torch.nn.functional as F
 
 from corral.generate.head import LastLogits
 from corral.generate.sampling import RowParams, SamplingParams, apply_penalties, per_prompt, sample_next
-from corral.generate.types import BASE_ADAPTER, Completion, Stream, TokenEvent, check_adapter, pad_id_of
+from corral.generate.structured import Grammars
+from corral.generate.types import (BASE_ADAPTER, Completion, EngineStats, Stream, TokenEvent, TokenLogprob,
+                                   check_adapter, pad_id_of)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class _Sequence:
     adapter: str | None
     stop_ids: frozenset[int]
     generator: torch.Generator
+    matcher: object | None = None  # the xgrammar matcher of a reply constrained by a response format
     reply_ids: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the reply text already emitted
     done: bool = False
@@ -67,6 +70,12 @@ def _holdback(text: str, stops: tuple[str, ...]) -> int:
                 keep = max(keep, k)
                 break
     return keep
+
+
+def _embedding_rows(model) -> int | None:
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    rows = getattr(embeddings, "num_embeddings", None)
+    return rows or getattr(getattr(model, "config", None), "vocab_size", None)
 
 
 class TransformersEngine:
@@ -93,6 +102,9 @@ class TransformersEngine:
                 "manages itself: serve a LoRA adapter or a full model instead"
             )
         self._head = LastLogits(model, self.device)  # on CPU, runs the output head itself (see generate/head.py)
+        self.vocab_size = _embedding_rows(model)  # token ids a prompt may hold (None: unknown, unchecked)
+        self._grammars: Grammars | None = None  # built at the first constrained request
+        self.last_batch = 0  # rows in the latest decode step (the server's metrics read it)
         self._waiting: deque[_Sequence] = deque()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -106,13 +118,16 @@ class TransformersEngine:
             raise ValueError("prompt: empty prompt")
         if len(prompt_ids) >= self.max_len:
             raise ValueError(f"prompt: {len(prompt_ids)} tokens, the model's context is {self.max_len}")
+        bad = next((t for t in prompt_ids if not 0 <= t < (self.vocab_size or 2**63)), None)
+        if bad is not None:  # an id the embedding has no row for fails the whole prefill batch: refuse it here
+            raise ValueError(f"prompt: token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
         check_adapter(adapter, self.adapters())
         stream = Stream(params.n, len(prompt_ids), loop)
         base_seed = params.seed if params.seed is not None else random.getrandbits(63)
         stops = self.default_stop_ids | frozenset(params.stop_token_ids)
         seqs = [
             _Sequence(stream, i, list(prompt_ids), params, adapter, stops,
-                      torch.Generator().manual_seed(base_seed + i))
+                      torch.Generator().manual_seed(base_seed + i), self._matcher(params, stops))
             for i in range(params.n)
         ]
         with self._lock:
@@ -139,6 +154,21 @@ class TransformersEngine:
 
     def adapters(self) -> list[str]:
         return list(getattr(self.model, "peft_config", {}) or {})
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(running=len(self._seqs), waiting=len(self._waiting), batch=self.last_batch)
+
+    def _matcher(self, params: SamplingParams, stops: frozenset[int]):
+        if params.response_format is None:
+            return None
+        if self._grammars is None:
+            with self._lock:
+                if self._grammars is None:
+                    head = getattr(self.model, "get_output_embeddings", lambda: None)()
+                    width = head.weight.shape[0] if head is not None else self.vocab_size  # the logits' width
+                    self._grammars = Grammars(self.tokenizer, width)
+        return self._grammars.matcher(params.response_format, stops)
 
     # ------------------------------------------------------------------ background loop
     def start(self) -> TransformersEngine:
@@ -171,27 +201,46 @@ class TransformersEngine:
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
     def step(self) -> None:
-        """Admit waiting requests (prefill), decode one token for every running row, retire finished rows."""
-        try:
-            with self._lock:
-                room = self.max_batch - len(self._seqs)
-                admitted = []
-                while self._waiting and (len(admitted) < room or not (admitted or self._seqs)):
-                    seq = self._waiting.popleft()
-                    if seq.stream.cancelled:
-                        self._finish(seq, "cancelled")
-                    else:
-                        admitted.append(seq)
-            if self._seqs:
+        """Admit waiting requests (prefill), decode one token for every running row, retire finished rows.
+
+        A failure fails exactly the requests it belongs to and the loop keeps serving: a failed decode
+        fails the running rows (they were one forward pass); a failed prefill is retried on halves of
+        the admitted rows until the rows that fail alone are found, and only those fail."""
+        with self._lock:
+            room = self.max_batch - len(self._seqs)
+            admitted = []
+            while self._waiting and (len(admitted) < room or not (admitted or self._seqs)):
+                seq = self._waiting.popleft()
+                if seq.stream.cancelled:
+                    self._finish(seq, "cancelled")
+                else:
+                    admitted.append(seq)
+        if self._seqs:
+            self.last_batch = len(self._seqs)
+            try:
                 self._decode()
-            if admitted:
-                self._prefill(admitted)
-            self._retire()
-        except Exception as e:  # never let one bad batch kill the server: fail its requests, keep serving
-            log.exception("generation step failed")
-            for seq in self._seqs:
-                self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
-            self._clear_batch()
+            except Exception as e:
+                self._fail(list(self._seqs), e)
+                self._clear_batch()
+        if admitted:
+            self._admit(admitted)
+        self._retire()
+
+    def _admit(self, seqs: list[_Sequence]) -> None:
+        try:
+            self._prefill(seqs)  # changes nothing in the batch until it has succeeded
+        except Exception as e:
+            if len(seqs) == 1:
+                self._fail(seqs, e)
+                return
+            half = len(seqs) // 2
+            self._admit(seqs[:half])
+            self._admit(seqs[half:])
+
+    def _fail(self, seqs: list[_Sequence], error: Exception) -> None:
+        log.error("generation failed for %d rows", len(seqs), exc_info=error)
+        for seq in seqs:
+            self._finish(seq, "error", error=f"{type(error).__name__}: {error}")
 
     def _forward(self, input_ids, attention_mask, position_ids, cache, adapters: list[str | None]):
         kwargs = {}
@@ -222,62 +271,92 @@ class TransformersEngine:
         for row, seq in enumerate(seqs):
             seen[row, torch.tensor(seq.prompt_ids, device=self.device).clamp(max=vocab - 1)] = True
         counts = torch.zeros(len(seqs), vocab, dtype=torch.int32, device=self.device)
+        tokens, logprobs = self._sample(logits, seqs, seen, counts)
         self._merge(seqs, cache, mask, seen, counts)
         first = len(self._seqs) - len(seqs)
-        self._sample_and_emit(logits, rows=range(first, len(self._seqs)))
+        self._emit(tokens, logprobs, rows=range(first, len(self._seqs)))
 
     def _decode(self) -> None:
         """One token for every running row (rows admitted in this step get theirs from the prefill)."""
         seqs = self._seqs
         last = torch.tensor([[s.reply_ids[-1]] for s in seqs], device=self.device)
         positions = self._mask.sum(-1, keepdim=True)  # real tokens before the new one
-        self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
-        logits, self._cache = self._forward(last, self._mask, positions, self._cache, [s.adapter for s in seqs])
-        self._sample_and_emit(logits, rows=range(len(seqs)))
+        mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+        logits, self._cache = self._forward(last, mask, positions, self._cache, [s.adapter for s in seqs])
+        self._mask = mask
+        tokens, logprobs = self._sample(logits, seqs, self._seen, self._counts)
+        self._emit(tokens, logprobs, rows=range(len(seqs)))
 
-    def _sample_and_emit(self, logits: torch.Tensor, rows: range) -> None:
-        seqs = [self._seqs[r] for r in rows]
-        idx = torch.tensor(list(rows), device=self.device)
+    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence], seen: torch.Tensor, counts: torch.Tensor):
+        """Next token of each row (list), and its TokenLogprob where the request asked (else None).
+
+        Log-probabilities are the model's own distribution (log-softmax of its logits), after a
+        response format's mask, before penalties, temperature, top-k and top-p: what vLLM reports by
+        default ("raw_logprobs")."""
+        matchers = [s.matcher for s in seqs]
+        if any(m is not None for m in matchers):
+            logits = logits.contiguous()  # xgrammar masks in place assuming a plain layout (the head's is transposed)
+            self._grammars.apply(logits, matchers)
+        want = [r for r, s in enumerate(seqs) if s.params.logprobs is not None]
+        raw = logits[want].log_softmax(dim=-1) if want else None
         params = RowParams.of([s.params for s in seqs], self.device)
-        logits = apply_penalties(logits, params, self._seen[idx], self._counts[idx])
+        logits = apply_penalties(logits, params, seen, counts)
         tokens = sample_next(logits, params, [s.generator for s in seqs]).tolist()
-        for r, seq, token in zip(rows, seqs, tokens):
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        if want:
+            k = max(seqs[r].params.logprobs for r in want)
+            top_lp, top_ids = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long())
+            chosen = raw[torch.arange(len(want)), torch.tensor([tokens[r] for r in want])].tolist()
+            for i, r in enumerate(want):
+                top = tuple(zip(top_ids[i].tolist(), top_lp[i].tolist()))[: seqs[r].params.logprobs]
+                logprobs[r] = TokenLogprob(tokens[r], chosen[i], top)
+        return tokens, logprobs
+
+    def _emit(self, tokens: list[int], logprobs: list[TokenLogprob | None], rows: range) -> None:
+        for r, token, logprob in zip(rows, tokens, logprobs):
+            seq = self._seqs[r]
             if seq.done:
                 continue
             self._seen[r, token] = True
             self._counts[r, token] += 1
-            self._advance(seq, token)
+            try:
+                self._advance(seq, token, logprob)
+            except Exception as e:  # e.g. a grammar refusing the token: this reply alone fails
+                self._fail([seq], e)
 
-    def _advance(self, seq: _Sequence, token: int) -> None:
+    def _advance(self, seq: _Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         seq.reply_ids.append(token)
         if token in seq.stop_ids:
             self._finish(seq, "stop", token_id=token)
             return
+        if seq.matcher is not None and not seq.matcher.accept_token(token):
+            raise RuntimeError(f"the response format's grammar refused token {token}")
         text = self.tokenizer.decode(seq.reply_ids, skip_special_tokens=True)
         stops = seq.params.stop
         if stops:
             start = max(0, seq.sent - max(map(len, stops)))  # a stop string can only end in the new text
             hits = [p for s in stops if (p := text.find(s, start)) >= 0]
             if hits:
-                self._finish(seq, "stop", token_id=token, text=text[: min(hits)])
+                self._finish(seq, "stop", token_id=token, text=text[: min(hits)], logprob=logprob)
                 return
         if len(seq.reply_ids) >= seq.params.max_new_tokens or len(seq.prompt_ids) + len(seq.reply_ids) >= self.max_len:
-            self._finish(seq, "length", token_id=token, text=text)
+            self._finish(seq, "length", token_id=token, text=text, logprob=logprob)
             return
         safe = len(text) - _holdback(text, stops)
         delta = text[seq.sent:safe] if safe > seq.sent else ""
         seq.sent = max(seq.sent, safe)
-        seq.stream._push(TokenEvent(seq.index, delta, token_id=token))
+        seq.stream._push(TokenEvent(seq.index, delta, token_id=token, logprob=logprob))
 
     def _finish(self, seq: _Sequence, reason: str, token_id: int | None = None, text: str | None = None,
-                error: str | None = None) -> None:
+                error: str | None = None, logprob: TokenLogprob | None = None) -> None:
         if seq.done:
             return
         seq.done = True
         if text is None:
             text = self.tokenizer.decode([t for t in seq.reply_ids if t not in seq.stop_ids], skip_special_tokens=True)
         delta = text[seq.sent:]
-        seq.stream._push(TokenEvent(seq.index, delta, token_id=token_id, finish_reason=reason, error=error))
+        seq.stream._push(TokenEvent(seq.index, delta, token_id=token_id, finish_reason=reason, error=error,
+                                    logprob=logprob))
         seq.stream._finish_one()
 
     # ------------------------------------------------------------------ batch bookkeeping

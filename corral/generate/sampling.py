@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from corral.generate.structured import ResponseFormat
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 
 class SamplingError(ValueError):
     """A sampling parameter out of range. `param` names it, so the server can report the request field
@@ -34,6 +37,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # in addition to the engine's default stops (eos / end-of-turn)
     n: int = 1  # replies per prompt; with a seed, reply i uses seed + i
     seed: int | None = None
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely (0..20)
+    response_format: ResponseFormat | None = None  # constrain the reply to JSON (generate/structured.py)
 
     def __post_init__(self):
         checks = {
@@ -47,6 +52,7 @@ class SamplingParams:
             "n": 1 <= self.n <= 128,
             # reply i draws from a torch generator seeded with seed + i: each must fit its 64 bits
             "seed": self.seed is None or -(2**63) <= self.seed <= 2**64 - self.n,
+            "logprobs": self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
         }
         for name, ok in checks.items():
             if not ok:

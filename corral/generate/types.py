@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import queue
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from corral.generate.sampling import SamplingParams
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One sampled token's log-probability and the most likely alternatives, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob)
 
 
 @dataclass(frozen=True)
@@ -26,6 +35,7 @@ class TokenEvent:
     token_id: int | None = None  # the sampled token (None on a final flush)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"; set on the last event
     error: str | None = None
+    logprob: TokenLogprob | None = None  # when the request asked for logprobs; never for a stop token
 
 
 @dataclass
@@ -33,6 +43,7 @@ class Completion:
     text: str
     token_ids: list[int]  # reply tokens, the stop token included when one ended it
     finish_reason: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when asked: the reply's tokens but a stop token
 
 
 class Stream:
@@ -80,10 +91,12 @@ class Stream:
             gathered.add(event)
         return gathered.completions()
 
-    async def acollect(self) -> list[Completion]:
-        """`collect` for asyncio (a stream submitted with a loop)."""
+    async def acollect(self, on_event: Callable[[TokenEvent], None] | None = None) -> list[Completion]:
+        """`collect` for asyncio (a stream submitted with a loop); `on_event` sees each event as it comes."""
         gathered = _Gathered(self.n)
         async for event in self:
+            if on_event is not None:
+                on_event(event)
             gathered.add(event)
         return gathered.completions()
 
@@ -91,6 +104,7 @@ class Stream:
 class _Gathered:
     def __init__(self, n: int):
         self.texts, self.tokens, self.reasons = [""] * n, [[] for _ in range(n)], [""] * n
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
 
     def add(self, event: TokenEvent) -> None:
         if event.error:
@@ -98,10 +112,19 @@ class _Gathered:
         self.texts[event.index] += event.text
         if event.token_id is not None:
             self.tokens[event.index].append(event.token_id)
+        if event.logprob is not None:
+            self.logprobs[event.index].append(event.logprob)
         self.reasons[event.index] = event.finish_reason or self.reasons[event.index]
 
     def completions(self) -> list[Completion]:
-        return [Completion(t, ids, r) for t, ids, r in zip(self.texts, self.tokens, self.reasons)]
+        return [Completion(*fields) for fields in zip(self.texts, self.tokens, self.reasons, self.logprobs)]
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int  # sequences (replies) in the batch
+    waiting: int  # sequences queued for a place in it
+    batch: int = 0  # rows of the latest decode step
 
 
 class Engine(Protocol):
@@ -113,6 +136,7 @@ class Engine(Protocol):
 
     tokenizer: Any  # the model's transformers tokenizer: callers encode raw prompts and decode echoes with it
     pad_id: int  # the id callers pad token rows with (PPO's rollout batches)
+    max_len: int  # the context: prompt plus reply tokens never exceed it
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
                loop: asyncio.AbstractEventLoop | None = None) -> Stream:
@@ -126,6 +150,8 @@ class Engine(Protocol):
         ...
 
     def adapters(self) -> list[str]: ...
+
+    def stats(self) -> EngineStats: ...
 
     def close(self) -> None: ...
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 
 from corral.config import EMBEDDED_MODEL, ServeConfig
 from corral.serve.api import build_app
 from corral.serve.models import close_all, load_served_models
+from corral.serve.serving import Limits
 
 
 def run(cfg: ServeConfig) -> None:
@@ -15,11 +18,19 @@ def run(cfg: ServeConfig) -> None:
     served = load_served_models(cfg.models or [EMBEDDED_MODEL], template=cfg.template, dtype=cfg.dtype,
                                 max_batch=cfg.max_batch, engine=cfg.engine)
     api_key = cfg.api_key or os.environ.get("CORRAL_API_KEY") or None
-    app = build_app(served, api_key=api_key, votes_path=cfg.votes, default_max_tokens=cfg.max_tokens)
+    limits = Limits(default_max_tokens=cfg.max_tokens, max_tokens=cfg.max_tokens_limit, max_queue=cfg.max_queue,
+                    request_timeout=cfg.request_timeout)
+    app = build_app(served, api_key=api_key, votes_path=cfg.votes, limits=limits,
+                    max_body_bytes=int(cfg.max_request_mb * 1_000_000))
     url = f"http://{cfg.host}:{cfg.port}"
     print(f"serving {', '.join(served)}: web chat {url}/  OpenAI API {url}/v1"
           + ("  (API key required)" if api_key else "") + f"  arena votes -> {cfg.votes}", flush=True)
+    # SIGTERM: uvicorn stops accepting, waits up to the timeout for open requests, then cancels them (their
+    # engine rows with them) and re-raises the signal once it has stopped, which this handler turns into a
+    # clean exit: the engines close below and the process exits 0, as a supervisor expects of a graceful stop.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning",
+                    timeout_graceful_shutdown=cfg.shutdown_timeout)
     finally:
         close_all(served)

@@ -1,32 +1,87 @@
 """The OpenAI wire format: pydantic requests, response builders and the error body.
 
-Unknown request fields are ignored (clients send many we do not use); known ones are validated and a
-bad value is a 400 that names the parameter, as OpenAI answers.
+Every request field is either implemented or refused: an unknown field, a field this server does not
+implement (`tools`, `logit_bias`, ...) and a value of the wrong type (`"16"` for an integer: no
+coercion) are a 400 whose `param` names the field, as OpenAI answers. A few fields that carry no
+instruction for the model (`user`, `metadata`, `store`, `service_tier`) are accepted and have no effect.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from corral.generate.sampling import SamplingParams
+from corral.generate.sampling import MAX_TOP_LOGPROBS, SamplingParams
+from corral.generate.structured import ResponseFormat
+
+MAX_SEED = 2**63 - 1
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class StreamOptions(BaseModel):
+    model_config = STRICT
+    include_usage: bool = False
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = STRICT
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # the reply always follows the schema (constrained decoding), strict or not
+
+
+class ResponseFormatField(BaseModel):
+    model_config = STRICT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only then")
+        return self
+
+    def engine_format(self) -> ResponseFormat | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return ResponseFormat("json_object")
+        return ResponseFormat("json_schema", json.dumps(self.json_schema.schema_, sort_keys=True))
+
+
+# Fields OpenAI defines that this server does not implement: refused by name, never silently ignored.
+NOT_IMPLEMENTED = {
+    "tools": "tool calling is not supported by this server yet",
+    "tool_choice": "tool calling is not supported by this server yet",
+    "functions": "function calling is not supported by this server",
+    "function_call": "function calling is not supported by this server",
+    "logit_bias": "logit_bias is not supported by this server",
+    "suffix": "suffix (insertion) is not supported by this server",
+    "audio": "audio output is not supported by this server",
+    "prediction": "predicted outputs are not supported by this server",
+    "web_search_options": "web search is not supported by this server",
+    "reasoning_effort": "this server's models have no reasoning effort setting",
+}
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -34,38 +89,80 @@ class _Request(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stream: bool = False
-    stream_options: dict | None = None
+    stream_options: StreamOptions | None = None
     # Extensions that vLLM accepts too (through the client's extra_body).
     top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    # Accepted, without effect on the reply.
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    # Refused when given (see NOT_IMPLEMENTED).
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    logit_bias: Any = None
+    suffix: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
 
-    def sampling(self, max_tokens: int) -> SamplingParams:
+    @model_validator(mode="after")
+    def _refuse_what_is_not_implemented(self):
+        for field, why in NOT_IMPLEMENTED.items():
+            if getattr(self, field, None) is not None:
+                raise APIError(400, f"{field}: {why}", param=field)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise APIError(400, "stop: up to 4 non-empty strings", param="stop")
-        return SamplingParams(
-            max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-            top_k=self.top_k, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, stop=tuple(stop), n=self.n, seed=self.seed,
-        )  # fmt: skip
+        return self
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
     @property
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def asked_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_tokens"
+
+    def top_logprobs_asked(self) -> int | None:
+        return None
+
+    def response_format_asked(self) -> ResponseFormat | None:
+        return None
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, stop=self.stop_strings, n=self.n, seed=self.seed,
+            logprobs=self.top_logprobs_asked(), response_format=self.response_format_asked(),
+        )  # fmt: skip
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
 
@@ -76,17 +173,56 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormatField | None = None
+    parallel_tool_calls: bool | None = None  # accepted: without tools it means nothing
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs: requires logprobs=true", param="top_logprobs")
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise APIError(400, "max_completion_tokens: give it or max_tokens, not both", param="max_completion_tokens")
+        return self
+
+    @property
+    def asked_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def response_format_asked(self) -> ResponseFormat | None:
+        return self.response_format.engine_format() if self.response_format else None
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    best_of: int | None = Field(None, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _prompt_and_best_of(self):
+        if isinstance(self.prompt, list) and (not self.prompt or any(p == [] for p in self.prompt)):
+            raise APIError(400, "prompt: must not be empty", param="prompt")
+        if self.best_of is not None and self.best_of != self.n:
+            raise APIError(400, "best_of: only best_of equal to n is supported", param="best_of")
+        return self
+
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
 
 
 class Vote(BaseModel):
     """An arena vote from the web page: which of two anonymous replies to one prompt was better."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     prompt: str = Field(min_length=1)
     model_a: str
     model_b: str

@@ -16,27 +16,41 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from corral.atomic import append_line
 from corral.chat.conversation import Conversation, Message
 from corral.chat.templates import TemplateError
-from corral.generate.chat import submit_chat
+from corral.generate.chat import with_template_stops
 from corral.generate.sampling import SamplingError, SamplingParams
-from corral.generate.types import Completion, Stream
+from corral.generate.types import Completion, Stream, TokenEvent, TokenLogprob
+from corral.serve.metrics import Metrics, RequestClock
 from corral.serve.models import ServedModel
 from corral.serve.protocol import APIError, ChatRequest, CompletionRequest, Vote, envelope, new_id, usage
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server."""
+
+    default_max_tokens: int = 512  # reply length when a request gives none (less where the context is shorter)
+    max_tokens: int | None = None  # the most a request may ask for; above it a 400
+    max_queue: int = 256  # replies waiting for a place in a full batch; past it a 429 with Retry-After
+    request_timeout: float | None = None  # seconds; a request still generating then is cancelled (408)
+
+
+@dataclass
 class Serving:
     """What the handlers read: the served models by name and the server's settings."""
 
     models: dict[str, ServedModel]
     votes_path: str | Path | None = None  # arena votes are appended here; None: the server records none
-    default_max_tokens: int = 512  # reply length when a request gives none
+    limits: Limits = field(default_factory=Limits)
+    metrics: Metrics | None = None
+    preparing: dict[int, int] = field(default_factory=dict)  # engine id -> replies being tokenized and queued
 
 
 @dataclass(frozen=True)
@@ -48,8 +62,9 @@ class Chunks:
 
 
 # ---------------------------------------------------------------------------------------------- handlers
-def health(serving: Serving) -> dict:
-    return {"status": "ok", "models": list(serving.models)}
+def health(serving: Serving, public: bool) -> dict:
+    """Up or not; the model names only where the API is open (with a key they are the key's to see)."""
+    return {"status": "ok", "models": list(serving.models)} if public else {"status": "ok"}
 
 
 def list_models(serving: Serving) -> dict:
@@ -61,43 +76,77 @@ def list_models(serving: Serving) -> dict:
 async def chat_completions(serving: Serving, req: ChatRequest) -> dict | Chunks:
     served = lookup(serving, req.model)
     conversation = to_conversation(req)
-    params = sampling(serving, req, req.max_completion_tokens)
-    try:
-        stream = submit_chat(served.engine, served.template, conversation, params, adapter=served.adapter,
-                             loop=asyncio.get_running_loop())
-    except (TemplateError, ValueError) as e:
-        raise APIError(400, str(e), param="messages") from None
+    loop = asyncio.get_running_loop()
+
+    def submit() -> Stream:  # rendering a long conversation takes a while: off the event loop
+        try:
+            prompt_ids = served.template.render(conversation)
+        except (TemplateError, ValueError) as e:
+            raise APIError(400, str(e), param="messages") from None
+        params = with_template_stops(sampling(serving.limits, req, len(prompt_ids), served.engine.max_len), served.template)
+        if req.logprobs:
+            vocab_bytes(served.engine.tokenizer)
+        return submit_ids(served, prompt_ids, params, "messages", loop)
+
+    with admission(serving, served, req.n):
+        stream = await asyncio.to_thread(submit)
     request_id = new_id("chatcmpl")
+    clock = RequestClock(serving.metrics, stream.prompt_tokens)
     if req.stream:
-        return Chunks(chat_chunks(stream, request_id, req.model, req.include_usage), [stream])
-    choices = await collect(stream)
+        tokenizer = served.engine.tokenizer if req.logprobs else None
+        return Chunks(chat_chunks(stream, clock, request_id, req.model, req.include_usage, tokenizer), [stream])
+    choices = await collect([stream], clock, serving.limits.request_timeout)
+    tokenizer = served.engine.tokenizer
     return envelope("chat.completion", request_id, req.model, [
         {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
-         "logprobs": None}
-        for i, c in enumerate(choices)
-    ], usage(stream.prompt_tokens, sum(len(c.token_ids) for c in choices)))  # fmt: skip
+         "logprobs": chat_logprobs(tokenizer, c.logprobs) if req.logprobs else None}
+        for i, c in enumerate(choices[0])
+    ], usage(stream.prompt_tokens, sum(len(c.token_ids) for c in choices[0])))  # fmt: skip
 
 
 async def completions(serving: Serving, req: CompletionRequest) -> dict | Chunks:
     served = lookup(serving, req.model)
     tokenizer = served.engine.tokenizer
-    if isinstance(req.prompt, str):
-        prompts = [tokenizer(req.prompt)["input_ids"]]
-    elif req.prompt and all(isinstance(p, int) for p in req.prompt):
-        prompts = [list(req.prompt)]
-    else:
-        prompts = [tokenizer(p)["input_ids"] for p in req.prompt]
-    params = sampling(serving, req, None)
-    streams = [submit(served, ids, params, "prompt") for ids in prompts]
+    loop = asyncio.get_running_loop()
+    count = 1 if isinstance(req.prompt, str) or isinstance(req.prompt[0], int) else len(req.prompt)
+
+    def submit() -> tuple[list[Stream], list[list[int]]]:  # tokenizing a long prompt takes a while: off the loop
+        if isinstance(req.prompt, str):
+            prompts = [tokenizer(req.prompt)["input_ids"]]
+        elif isinstance(req.prompt[0], int):
+            prompts = [list(req.prompt)]
+        elif isinstance(req.prompt[0], str):
+            prompts = [tokenizer(p)["input_ids"] for p in req.prompt]
+        else:
+            prompts = [list(p) for p in req.prompt]
+        params = [sampling(serving.limits, req, len(ids), served.engine.max_len) for ids in prompts]
+        if req.logprobs is not None:
+            vocab_bytes(tokenizer)
+        streams = []
+        try:
+            for ids, p in zip(prompts, params):
+                streams.append(submit_ids(served, ids, p, "prompt", loop))
+        except BaseException:
+            for stream in streams:  # one prompt refused: the request fails whole, nothing of it keeps running
+                stream.cancel()
+            raise
+        return streams, prompts
+
+    with admission(serving, served, req.n * count):
+        streams, prompts = await asyncio.to_thread(submit)
     request_id = new_id("cmpl")
+    clock = RequestClock(serving.metrics, sum(s.prompt_tokens for s in streams))
     echoes = [tokenizer.decode(ids) if req.echo else "" for ids in prompts]
+    logprobs = req.logprobs is not None
     if req.stream:
-        return Chunks(completion_chunks(streams, echoes, request_id, req.model, req.include_usage), streams)
+        return Chunks(completion_chunks(streams, clock, echoes, request_id, req.model, req.include_usage, tokenizer,
+                                        logprobs), streams)  # fmt: skip
+    results = await collect(streams, clock, serving.limits.request_timeout)
     choices, completion_tokens = [], 0
-    for p, stream in enumerate(streams):
-        for j, c in enumerate(await collect(stream)):
-            choices.append({"index": p * params.n + j, "text": echoes[p] + c.text,
-                            "finish_reason": c.finish_reason, "logprobs": None})
+    for p, completions_ in enumerate(results):
+        for j, c in enumerate(completions_):
+            choices.append({"index": p * req.n + j, "text": echoes[p] + c.text, "finish_reason": c.finish_reason,
+                            "logprobs": completion_logprobs(tokenizer, c.logprobs, len(echoes[p])) if logprobs else None})
             completion_tokens += len(c.token_ids)
     return envelope("text_completion", request_id, req.model, choices,
                     usage(sum(s.prompt_tokens for s in streams), completion_tokens))
@@ -122,18 +171,53 @@ def lookup(serving: Serving, name: str) -> ServedModel:
     return serving.models[name]
 
 
-def sampling(serving: Serving, req: ChatRequest | CompletionRequest, max_tokens: int | None) -> SamplingParams:
+@contextmanager
+def admission(serving: Serving, served: ServedModel, replies: int) -> Iterator[None]:
+    """Refuse (429) a request whose replies would queue past the limit; count them while they are prepared.
+    Runs on the event loop, so the check and the count are one step."""
+    key = id(served.engine)
+    queued = served.engine.stats().waiting + serving.preparing.get(key, 0)
+    if queued + replies > serving.limits.max_queue:
+        raise APIError(429, f"the server is busy: {queued} replies are waiting for a place; retry shortly",
+                       type="requests", code="rate_limit_exceeded", headers={"Retry-After": "1"})
+    serving.preparing[key] = serving.preparing.get(key, 0) + replies
     try:
-        return req.sampling(max_tokens or req.max_tokens or serving.default_max_tokens)
+        yield
+    finally:
+        serving.preparing[key] -= replies
+
+
+def sampling(limits: Limits, req: ChatRequest | CompletionRequest, prompt_tokens: int, context: int) -> SamplingParams:
+    """The engine's parameters; `max_tokens` checked against the server's limit and the context the prompt leaves."""
+    asked, param = req.asked_max_tokens, req.max_tokens_param
+    room = context - prompt_tokens
+    if room <= 0:
+        field = "messages" if isinstance(req, ChatRequest) else "prompt"
+        raise APIError(400, f"{field}: {prompt_tokens} tokens, the model's context is {context}", param=field)
+    if asked is None:
+        max_tokens = min(limits.default_max_tokens, room, limits.max_tokens or room)
+    elif limits.max_tokens is not None and asked > limits.max_tokens:
+        raise APIError(400, f"{param}: {asked} is above this server's limit of {limits.max_tokens}", param=param)
+    elif asked > room:
+        raise APIError(400, f"{param}: {asked} tokens do not fit: the prompt has {prompt_tokens} of the model's "
+                            f"{context}-token context, which leaves {room}", param=param)  # fmt: skip
+    else:
+        max_tokens = asked
+    try:
+        return req.sampling(max_tokens)
     except SamplingError as e:  # named after the request field: the engine's max_new_tokens is max_tokens here
-        raise APIError(400, str(e), param="max_tokens" if e.param == "max_new_tokens" else e.param) from None
+        raise APIError(400, str(e), param=param if e.param == "max_new_tokens" else e.param) from None
 
 
-def submit(served: ServedModel, prompt_ids: list[int], params: SamplingParams, param: str) -> Stream:
+def submit_ids(served: ServedModel, prompt_ids: list[int], params: SamplingParams, prompt_param: str,
+               loop: asyncio.AbstractEventLoop) -> Stream:
     try:
-        return served.engine.submit(prompt_ids, params, adapter=served.adapter, loop=asyncio.get_running_loop())
-    except ValueError as e:
-        raise APIError(400, str(e), param=param) from None
+        return served.engine.submit(prompt_ids, params, adapter=served.adapter, loop=loop)
+    except ValueError as e:  # the message starts with the field: "prompt: ...", "response_format: ..."
+        field = str(e).split(":", 1)[0]
+        param = prompt_param if field == "prompt" else field if field.isidentifier() else None
+        message = f"{prompt_param}{str(e)[len(field):]}" if field == "prompt" else str(e)
+        raise APIError(400, message, param=param) from None
 
 
 def to_conversation(req: ChatRequest) -> Conversation:
@@ -165,19 +249,83 @@ def vote_record(vote: Vote) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- replies
-async def collect(stream: Stream) -> list[Completion]:
+def observe(clock: RequestClock, event: TokenEvent) -> None:
+    if event.token_id is not None:
+        clock.token(event.index)
+    if event.finish_reason:
+        clock.finished(event.finish_reason)
+
+
+async def collect(streams: list[Stream], clock: RequestClock, timeout: float | None) -> list[list[Completion]]:
+    """Every stream's completions. The request is cancelled if it is abandoned (the client left: this
+    task is cancelled), if it fails, or when it runs past the server's timeout."""
+
+    async def gather():
+        return [await stream.acollect(on_event=lambda e: observe(clock, e)) for stream in streams]
+
     try:
-        return await stream.acollect()
+        return await asyncio.wait_for(gather(), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the reply took longer than this server's limit of {timeout:g} s", type="timeout",
+                       code="request_timeout") from None
     except RuntimeError as e:
-        stream.cancel()
         raise APIError(500, str(e), type="server_error") from None
+    finally:
+        for stream in streams:
+            stream.cancel()  # a no-op for finished ones
+        clock.done()
 
 
 def _error_chunk(message: str) -> dict:
     return APIError(500, f"generation failed: {message}", type="server_error").body()
 
 
-async def chat_chunks(stream: Stream, request_id: str, model: str, include_usage: bool) -> AsyncIterator[dict]:
+def token_text(tokenizer, token_id: int) -> tuple[str, list[int]]:
+    """A token as OpenAI shows it in logprobs: its text and its UTF-8 bytes (a piece of a character
+    shows as U+FFFD in the text; its bytes are exact)."""
+    vocab = vocab_bytes(tokenizer)
+    return tokenizer.decode([token_id]), list(vocab[token_id] if token_id < len(vocab) else b"")
+
+
+_VOCAB_BYTES: dict[int, list[bytes]] = {}  # id(tokenizer) -> each token's bytes; served tokenizers live as long
+
+
+def vocab_bytes(tokenizer) -> list[bytes]:
+    """Each token's bytes, from xgrammar's reading of the vocabulary (byte-level, byte-fallback or raw).
+    Built once per tokenizer (a fraction of a second): call it off the event loop first."""
+    if id(tokenizer) not in _VOCAB_BYTES:
+        import xgrammar as xgr
+
+        _VOCAB_BYTES[id(tokenizer)] = xgr.TokenizerInfo.from_huggingface(tokenizer).decoded_vocab
+    return _VOCAB_BYTES[id(tokenizer)]
+
+
+def chat_logprobs(tokenizer, logprobs: list[TokenLogprob]) -> dict:
+    def entry(token_id, logprob):
+        text, raw = token_text(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for lp in logprobs], "refusal": None}
+
+
+def completion_logprobs(tokenizer, logprobs: list[TokenLogprob], offset: int) -> dict:
+    """The legacy completions layout: parallel lists, and each token's top alternatives as {text: logprob}."""
+    tokens = [token_text(tokenizer, lp.token_id)[0] for lp in logprobs]
+    offsets = []
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{token_text(tokenizer, t)[0]: v for t, v in lp.top} for lp in logprobs],
+            "text_offset": offsets}
+
+
+async def chat_chunks(stream: Stream, clock: RequestClock, request_id: str, model: str, include_usage: bool,
+                      tokenizer=None) -> AsyncIterator[dict]:
+    """The chunks of a streamed chat reply; with `tokenizer`, each token's logprobs ride with its text."""
+    logprobs = tokenizer is not None
+
     def chunk(choices, usage_=None):
         body = envelope("chat.completion.chunk", request_id, model, choices)
         if include_usage:
@@ -187,21 +335,28 @@ async def chat_chunks(stream: Stream, request_id: str, model: str, include_usage
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                  for i in range(stream.n)])
     completion_tokens = 0
-    async for event in stream:
-        if event.error:
-            yield _error_chunk(event.error)
-            return
-        completion_tokens += event.token_id is not None
-        if event.text:
-            yield chunk([{"index": event.index, "delta": {"content": event.text}, "finish_reason": None}])
-        if event.finish_reason:
-            yield chunk([{"index": event.index, "delta": {}, "finish_reason": event.finish_reason}])
-    if include_usage:
-        yield chunk([], usage(stream.prompt_tokens, completion_tokens))
+    try:
+        async for event in stream:
+            observe(clock, event)
+            if event.error:
+                yield _error_chunk(event.error)
+                return
+            completion_tokens += event.token_id is not None
+            if event.text or (logprobs and event.logprob):
+                choice = {"index": event.index, "delta": {"content": event.text}, "finish_reason": None}
+                if logprobs and event.logprob:
+                    choice["logprobs"] = chat_logprobs(tokenizer, [event.logprob])
+                yield chunk([choice])
+            if event.finish_reason:
+                yield chunk([{"index": event.index, "delta": {}, "finish_reason": event.finish_reason}])
+        if include_usage:
+            yield chunk([], usage(stream.prompt_tokens, completion_tokens))
+    finally:
+        clock.done()
 
 
-async def completion_chunks(streams: list[Stream], echoes: list[str], request_id: str, model: str,
-                            include_usage: bool) -> AsyncIterator[dict]:
+async def completion_chunks(streams: list[Stream], clock: RequestClock, echoes: list[str], request_id: str,
+                            model: str, include_usage: bool, tokenizer, logprobs: bool) -> AsyncIterator[dict]:
     merged: asyncio.Queue = asyncio.Queue()
 
     async def pump(p: int, stream: Stream):
@@ -210,6 +365,7 @@ async def completion_chunks(streams: list[Stream], echoes: list[str], request_id
         await merged.put(None)
 
     tasks = [asyncio.create_task(pump(p, s)) for p, s in enumerate(streams)]
+    offsets: dict[tuple[int, int], int] = {}
     try:
         for p, echo in enumerate(echoes):
             if echo:
@@ -223,14 +379,19 @@ async def completion_chunks(streams: list[Stream], echoes: list[str], request_id
                 open_streams -= 1
                 continue
             p, n, event = item
+            observe(clock, event)
             if event.error:
                 yield _error_chunk(event.error)
                 return
             completion_tokens += event.token_id is not None
-            if event.text or event.finish_reason:
-                yield envelope("text_completion", request_id, model, [
-                    {"index": p * n + event.index, "text": event.text, "finish_reason": event.finish_reason,
-                     "logprobs": None}])  # fmt: skip
+            if event.text or event.finish_reason or (logprobs and event.logprob):
+                index = p * n + event.index
+                choice = {"index": index, "text": event.text, "finish_reason": event.finish_reason, "logprobs": None}
+                if logprobs and event.logprob:
+                    offset = offsets.get((p, event.index), len(echoes[p]))
+                    choice["logprobs"] = completion_logprobs(tokenizer, [event.logprob], offset)
+                    offsets[(p, event.index)] = offset + len(choice["logprobs"]["tokens"][0])
+                yield envelope("text_completion", request_id, model, [choice])
         if include_usage:
             body = envelope("text_completion", request_id, model, [])
             body["usage"] = usage(sum(s.prompt_tokens for s in streams), completion_tokens)
@@ -238,3 +399,4 @@ async def completion_chunks(streams: list[Stream], echoes: list[str], request_id
     finally:
         for task in tasks:
             task.cancel()
+        clock.done()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from tests.conftest import build_model
@@ -243,3 +245,146 @@ def test_sampling_draws_follow_the_distribution():
     top2 = sample_next(logits.expand(draws, -1), RowParams.of([SamplingParams(temperature=1.0, top_k=2, seed=0)] * draws, "cpu"),
                        [torch.Generator().manual_seed(i) for i in range(draws)])  # fmt: skip
     assert set(top2.tolist()) == {0, 1}
+
+
+# ---------------------------------------------------------------------------------------------- failures
+def test_token_ids_outside_the_vocabulary_are_refused_at_submit(model, tiny_tokenizer):
+    engine = TransformersEngine(model, tiny_tokenizer)
+    rows = model.get_input_embeddings().num_embeddings
+    for bad in (rows, 99999999, -5, 10**20):
+        with pytest.raises(ValueError, match=rf"^prompt: token id {bad} is outside the vocabulary \(0\.\.{rows - 1}\)"):
+            engine.submit([5, bad, 6], SamplingParams(max_new_tokens=2))
+    assert not engine.has_work()
+
+
+def test_a_failing_prefill_fails_only_the_request_that_causes_it(model, tiny_tokenizer, prompts):
+    """Rows already running keep going and the other admitted requests are answered: the admitted
+    batch is bisected until the row that fails alone is found (here: prompts holding token 7)."""
+    engine = TransformersEngine(model, tiny_tokenizer, stop_token_ids=())
+    forward = engine._forward
+
+    def poisoned(input_ids, *args, **kwargs):
+        if (input_ids == 7).any():
+            raise RuntimeError("poisoned row")
+        return forward(input_ids, *args, **kwargs)
+
+    engine._forward = poisoned
+    running = engine.submit(prompts[0], SamplingParams(max_new_tokens=12))
+    engine.step()
+    bad = engine.submit([3, 7, 4], SamplingParams(max_new_tokens=12))
+    joining = [engine.submit(p, SamplingParams(max_new_tokens=12)) for p in prompts[1:4]]
+    run_until_done(engine)
+    with pytest.raises(RuntimeError, match="generation failed: RuntimeError: poisoned row"):
+        bad.collect()
+    for prompt, stream in zip([prompts[0], *prompts[1:4]], [running, *joining]):
+        (choice,) = stream.collect()
+        assert choice.token_ids == hf_greedy(model, prompt, 12)
+
+
+def test_a_failing_decode_step_answers_every_running_row_and_the_engine_goes_on(model, tiny_tokenizer, prompts):
+    engine = TransformersEngine(model, tiny_tokenizer, stop_token_ids=())
+    streams = [engine.submit(p, SamplingParams(max_new_tokens=8)) for p in prompts[:2]]
+    engine.step()
+    decode = engine._decode
+    engine._decode = lambda: (_ for _ in ()).throw(MemoryError("out of memory"))
+    engine.step()
+    engine._decode = decode
+    for stream in streams:
+        with pytest.raises(RuntimeError, match="MemoryError: out of memory"):
+            stream.collect()
+    ((after,),) = engine.generate(prompts[2:3], SamplingParams(max_new_tokens=8))
+    assert after.token_ids == hf_greedy(model, prompts[2], 8)
+
+
+# ---------------------------------------------------------------------------------------------- logprobs
+def test_logprobs_are_the_models_log_softmax_at_each_reply_token(model, tiny_tokenizer, prompts):
+    """Checked against a plain forward pass over prompt + reply, sampled rows included (temperature and
+    penalties change what is drawn, never the reported distribution)."""
+    engine = TransformersEngine(model, tiny_tokenizer, stop_token_ids=())
+    params = [SamplingParams(max_new_tokens=6, logprobs=3),
+              SamplingParams(max_new_tokens=6, logprobs=0, temperature=1.3, seed=4, presence_penalty=1.5),
+              SamplingParams(max_new_tokens=6)]  # fmt: skip
+    results = engine.generate(prompts[:3], params)
+    for prompt, (choice,), p in zip(prompts, results, params):
+        if p.logprobs is None:
+            assert choice.logprobs == []
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + choice.token_ids])).logits[0, len(prompt) - 1:-1].float()
+        expected = logits.log_softmax(-1)
+        assert [lp.token_id for lp in choice.logprobs] == choice.token_ids
+        for i, lp in enumerate(choice.logprobs):
+            assert lp.logprob == pytest.approx(float(expected[i, lp.token_id]), abs=1e-4)
+            top = expected[i].topk(p.logprobs)
+            assert [t for t, _ in lp.top] == top.indices.tolist()
+            assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def test_a_stop_token_has_no_logprob_entry(model, tiny_tokenizer, prompts):
+    engine = TransformersEngine(model, tiny_tokenizer, stop_token_ids=())
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=5)
+    ((free,),) = engine.generate(prompts[:1], params)
+    at = next(i for i, t in enumerate(free.token_ids) if i and t not in free.token_ids[:i])
+    stop = free.token_ids[at]
+    ((cut,),) = engine.generate(prompts[:1], replace(params, logprobs=1, stop_token_ids=(stop,)))
+    assert cut.finish_reason == "stop" and cut.token_ids == free.token_ids[: at + 1]
+    assert [lp.token_id for lp in cut.logprobs] == free.token_ids[:at]
+
+
+# ---------------------------------------------------------------------------------------------- structured outputs
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "verdict": {"enum": ["A", "B", "tie"]},
+        "scores": {"type": "array", "items": {"enum": [1, 2, 3]}, "minItems": 1, "maxItems": 3},
+        "judge": {"type": "object", "properties": {"sure": {"type": "boolean"}}, "required": ["sure"],
+                  "additionalProperties": False},
+    },
+    "required": ["verdict", "scores", "judge"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_rows_validate_and_share_a_batch_with_free_rows(model, tiny_tokenizer, prompts):
+    """A random model under the schema's mask still writes JSON that parses and validates; the free
+    rows decoded in the same steps are exactly what they are alone."""
+    import json
+
+    import jsonschema
+
+    from corral.generate.structured import ResponseFormat
+
+    engine = TransformersEngine(model, tiny_tokenizer)  # eos stops: the grammar ends on it
+    constrained = SamplingParams(max_new_tokens=200, response_format=ResponseFormat.json_schema(SCHEMA), seed=3,
+                                 temperature=1.0)
+    free = SamplingParams(max_new_tokens=10)
+    results = engine.generate(prompts[:4], [constrained, free, constrained, free])
+    for i in (0, 2):
+        (choice,) = results[i]
+        assert choice.finish_reason == "stop" and choice.token_ids[-1] == tiny_tokenizer.eos_token_id
+        jsonschema.validate(json.loads(choice.text), SCHEMA)
+    alone = TransformersEngine(model, tiny_tokenizer).generate([prompts[1], prompts[3]], free)
+    assert [r[0].token_ids for r in (results[1], results[3])] == [a[0].token_ids for a in alone]
+
+
+def test_json_object_replies_parse_as_objects(model, tiny_tokenizer, prompts):
+    import json
+
+    from corral.generate.structured import ResponseFormat
+
+    engine = TransformersEngine(model, tiny_tokenizer)
+    results = engine.generate(prompts[:2], SamplingParams(max_new_tokens=300, response_format=ResponseFormat("json_object"),
+                                                          temperature=0.8, seed=11))
+    for (choice,) in results:
+        if choice.finish_reason == "stop":
+            assert isinstance(json.loads(choice.text), dict)
+        else:  # a random model may write a long object: what it wrote is still a valid JSON prefix
+            assert choice.finish_reason == "length" and choice.text.startswith("{")
+
+
+def test_a_schema_xgrammar_cannot_compile_is_a_value_error_naming_response_format(model, tiny_tokenizer, prompts):
+    from corral.generate.structured import ResponseFormat
+
+    engine = TransformersEngine(model, tiny_tokenizer)
+    with pytest.raises(ValueError, match="^response_format: "):
+        engine.submit(prompts[0], SamplingParams(response_format=ResponseFormat("json_schema", '{"type": "nonsense"}')))

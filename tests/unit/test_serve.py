@@ -189,7 +189,7 @@ def test_the_handlers_answer_without_http(tiny_model_dir, tiny_tokenizer):
     try:
         whole, streamed = asyncio.run(answers())
         with pytest.raises(APIError) as e:
-            no_default = replace(state, default_max_tokens=0)  # a request without max_tokens gets 0 tokens
+            no_default = replace(state, limits=serving.Limits(default_max_tokens=0))  # no max_tokens: 0 tokens
             asyncio.run(serving.chat_completions(no_default, req.model_copy(update={"max_tokens": None})))
     finally:
         engine.close()
@@ -235,3 +235,136 @@ def test_arena_vote_is_appended(server):
     assert tie["vote"] == "tie" and tie["chosen"] is None and tie["replies"] == {"a": "ra", "b": "rb"}
     assert record["chosen"] == "rb" and record["rejected"] == "ra"
     assert record["models"] == {"chosen": "tuned", "rejected": "tiny"} and record["prompt"] == "p"
+
+
+# ---------------------------------------------------------------------------------------------- logprobs
+def forward_logprobs(model_dir, prompt_ids, reply_ids):
+    import torch
+
+    from corral.models.load import load_model
+
+    model = load_model(str(model_dir))
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + reply_ids])).logits[0, len(prompt_ids) - 1:-1].float()
+    return logits.log_softmax(-1)
+
+
+def greedy_ids(model_dir, tokenizer, prompt_ids, max_new_tokens, template=None):
+    """The reply ids the server's greedy decode produces (the same engine, in this process)."""
+    from corral.generate.chat import with_template_stops
+    from corral.generate.engine import TransformersEngine
+    from corral.generate.sampling import SamplingParams
+    from corral.models.load import load_model
+
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    params = with_template_stops(params, template) if template else params
+    ((choice,),) = TransformersEngine(load_model(str(model_dir)), tokenizer).generate([prompt_ids], params)
+    return choice.token_ids
+
+
+def test_chat_logprobs_match_a_forward_pass_streamed_or_not(client, tiny_model_dir, tiny_tokenizer):
+    from corral.chat.conversation import Conversation
+    from corral.chat.templates import get_template
+
+    reply = ask(client, "Who are you?", max_tokens=6, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == reply.choices[0].message.content
+    template = get_template("auto", tiny_tokenizer)
+    prompt = template.render(Conversation.from_pairs(("user", "Who are you?")))
+    reply_ids = greedy_ids(tiny_model_dir, tiny_tokenizer, prompt, 6, template)
+    reply_ids = reply_ids[:len(content)]  # a stop token has no entry
+    assert [e.token for e in content] == [tiny_tokenizer.decode([i]) for i in reply_ids]
+    expected = forward_logprobs(tiny_model_dir, prompt, reply_ids)
+    for i, entry in enumerate(content):
+        assert entry.logprob == pytest.approx(float(expected[i, reply_ids[i]]), abs=1e-4)
+        top = expected[i].topk(3)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert [t.token for t in entry.top_logprobs] == [tiny_tokenizer.decode([j]) for j in top.indices.tolist()]
+        assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
+    chunks = list(ask(client, "Who are you?", max_tokens=6, logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 5)) for e in streamed] == [(e.token, round(e.logprob, 5)) for e in content]
+
+
+def test_completion_logprobs_are_openais_legacy_layout(client, tiny_model_dir, tiny_tokenizer):
+    whole = client.completions.create(model="tiny", prompt="The assistant", max_tokens=5, temperature=0, logprobs=2)
+    lp = whole.choices[0].logprobs
+    assert "".join(lp.tokens) == whole.choices[0].text and len(lp.token_logprobs) == 5
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    assert all(len(top) <= 2 and max(top.values()) >= v - 1e-6 for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+    prompt = tiny_tokenizer("The assistant")["input_ids"]
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model="tiny", prompt="The assistant", max_tokens=5, temperature=0, logprobs=2, stream=True)
+        if c.choices and c.choices[0].logprobs]  # fmt: skip
+    assert [s.token_logprobs[0] for s in streamed] == pytest.approx(lp.token_logprobs, abs=1e-6)
+    assert [s.text_offset[0] for s in streamed] == lp.text_offset
+    reply_ids = greedy_ids(tiny_model_dir, tiny_tokenizer, prompt, 5)
+    assert lp.tokens == [tiny_tokenizer.decode([i]) for i in reply_ids]
+    expected = forward_logprobs(tiny_model_dir, prompt, reply_ids)
+    assert lp.token_logprobs == pytest.approx([float(expected[i, t]) for i, t in enumerate(reply_ids)], abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- structured outputs
+def test_json_schema_replies_validate_while_free_requests_share_the_batch(client):
+    import jsonschema
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["answer", "tags", "meta"],
+              "properties": {"answer": {"enum": ["yes", "no"]},
+                             "tags": {"type": "array", "items": {"enum": ["x", "y"]}, "maxItems": 2},
+                             "meta": {"type": "object", "required": ["n"], "additionalProperties": False,
+                                      "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}}}}  # fmt: skip
+    free_alone = ask(client, "Question?", max_tokens=12).choices[0].message.content
+    results, errors = {}, []
+
+    def constrained(i):
+        try:
+            results[i] = client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": f"Answer {i}"}], max_tokens=120, temperature=1.0,
+                seed=i, response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}})
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def free():
+        try:
+            results["free"] = ask(client, "Question?", max_tokens=12).choices[0].message.content
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=constrained, args=(i,)) for i in range(3)] + [threading.Thread(target=free)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors
+    for i in range(3):
+        choice = results[i].choices[0]
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), schema)
+    assert results["free"] == free_alone
+
+
+def test_metrics_count_the_tokens_a_reply_reports(server, client):
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def counters():
+        text = httpx.get(server.url + "/metrics", headers=headers).text
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
+
+    assert httpx.get(server.url + "/metrics").status_code == 401
+    before = counters()
+    reply = ask(client, "Count me", max_tokens=7)
+    after = counters()
+    assert after["corral:prompt_tokens_total"] - before["corral:prompt_tokens_total"] == reply.usage.prompt_tokens
+    assert after["corral:generation_tokens_total"] - before["corral:generation_tokens_total"] == reply.usage.completion_tokens
+    assert after["corral:e2e_request_latency_seconds_count"] == before["corral:e2e_request_latency_seconds_count"] + 1
+    label = f'corral:request_success_total{{finished_reason="{reply.choices[0].finish_reason}"}}'
+    assert after[label] == before.get(label, 0) + 1
+    ok = 'corral:http_requests_total{method="POST",path="/v1/chat/completions",status="200"}'
+    assert after[ok] == before.get(ok, 0) + 1
+    assert after["corral:num_requests_running"] == 0 and after["corral:num_requests_waiting"] == 0
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}  # with a key: no model names
