@@ -17,6 +17,12 @@ same tokens. Per level: output tokens/s over the level's wall time (tokens count
 usage report), time to first token (request sent -> first content chunk) p50/p95, and request
 latency p50. Peak RSS is each server process's VmHWM at the end.
 
+`--ref REF` also measures Corral's server as of git revision REF (a temporary worktree), right after
+this checkout's, so a change's throughput cost is a ratio measured in one run. `--json-schema`
+adds rows where every request carries a JSON schema (`response_format` json_schema, decoded under
+xgrammar's token masks), and an in-process measurement of the mask's cost per token: the time to
+fill and apply one row's mask on the model's vocabulary, alone and for 16 rows.
+
 Writes bench/results/serve.json (serve-<gpu>.json on CUDA) atomically; `python bench/report.py`
 puts the table in the README.
 """
@@ -49,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-requests", type=int, default=8,
                    help="requests per level: max(this, 2 x clients) (default 8)")
     p.add_argument("--model", default=MODEL)
+    p.add_argument("--ref", default=None, help="also measure corral serve at this git revision (e.g. HEAD~1)")
+    p.add_argument("--json-schema", action="store_true", help="add json_schema rows and the mask's cost per token")
     p.add_argument("--out", default=None, help="results file (default bench/results/serve[-gpu].json)")
     p.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -134,10 +142,18 @@ def prompts() -> list[str]:
     return list(seen)
 
 
-async def one_request(client, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+SCHEMA = {  # what a judge or an extraction asks for: an enum, a bounded integer, a short string list
+    "type": "object", "additionalProperties": False, "required": ["topic", "rating", "keywords"],
+    "properties": {"topic": {"enum": ["identity", "capabilities", "training", "other"]},
+                   "rating": {"type": "integer", "minimum": 1, "maximum": 10},
+                   "keywords": {"type": "array", "items": {"type": "string", "maxLength": 24}, "maxItems": 3}},
+}  # fmt: skip
+
+
+async def one_request(client, url: str, model: str, prompt: str, max_tokens: int, extra: dict | None = None) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
             "max_tokens": max_tokens, "temperature": 0, "repetition_penalty": REPETITION_PENALTY,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+            "stream_options": {"include_usage": True}, **(extra or {})}  # fmt: skip
     sent = time.perf_counter()
     first, tokens, text = None, 0, ""
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
@@ -156,7 +172,8 @@ async def one_request(client, url: str, model: str, prompt: str, max_tokens: int
     return {"ttft": (first or done) - sent, "latency": done - sent, "tokens": tokens, "text": text}
 
 
-async def run_level(url: str, model: str, clients: int, requests: list[str], max_tokens: int) -> dict:
+async def run_level(url: str, model: str, clients: int, requests: list[str], max_tokens: int,
+                    extra: dict | None = None) -> dict:
     import httpx
 
     queue: asyncio.Queue = asyncio.Queue()
@@ -168,7 +185,7 @@ async def run_level(url: str, model: str, clients: int, requests: list[str], max
         async def worker():
             while not queue.empty():
                 prompt = queue.get_nowait()
-                results.append({"prompt": prompt, **await one_request(client, url, model, prompt, max_tokens)})
+                results.append({"prompt": prompt, **await one_request(client, url, model, prompt, max_tokens, extra)})
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
@@ -185,10 +202,11 @@ async def run_level(url: str, model: str, clients: int, requests: list[str], max
     }
 
 
-def start_server(cmd: list[str], port: int) -> subprocess.Popen:
+def start_server(cmd: list[str], port: int, cwd: Path | None = None) -> subprocess.Popen:
+    """`cmd` in `cwd` (where `python -m corral.cli` finds its corral first: another checkout's)."""
     import urllib.request
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd)
     deadline = time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -212,15 +230,16 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
-def measure(name: str, cmd: list[str], port: int, model: str, args, pool: list[str]) -> dict:
-    proc = start_server(cmd, port)
+def measure(name: str, cmd: list[str], port: int, model: str, args, pool: list[str], extra: dict | None = None,
+            cwd: Path | None = None) -> dict:
+    proc = start_server(cmd, port, cwd)
     url = f"http://127.0.0.1:{port}"
     try:
-        asyncio.run(run_level(url, model, 1, pool[:1], args.max_tokens))  # warm-up, not recorded
+        asyncio.run(run_level(url, model, 1, pool[:1], args.max_tokens, extra))  # warm-up, not recorded
         levels = []
         for clients in [int(c) for c in args.clients.split(",")]:
             count = max(args.min_requests, 2 * clients)
-            level = asyncio.run(run_level(url, model, clients, pool[:count], args.max_tokens))
+            level = asyncio.run(run_level(url, model, clients, pool[:count], args.max_tokens, extra))
             print(f"  {name:22s} clients {clients:3d}: {level['tokens_per_s']:7.1f} tok/s, "
                   f"TTFT p50 {level['ttft_p50_s']:.2f}s p95 {level['ttft_p95_s']:.2f}s "
                   f"({level['requests']} requests, {level['wall_s']:.0f}s)", flush=True)
@@ -230,6 +249,65 @@ def measure(name: str, cmd: list[str], port: int, model: str, args, pool: list[s
         proc.terminate()
         proc.wait(timeout=30)
     return {"name": name, "levels": levels, "peak_rss_mb": rss}
+
+
+def level_rows(measured: dict) -> list[dict]:
+    return [{"name": f"{measured['name']} @{level['clients']}",
+             **{k: v for k, v in level.items() if k not in ("replies", "clients")},
+             "peak_rss_mb": measured["peak_rss_mb"]} for level in measured["levels"]]  # fmt: skip
+
+
+def valid_reply(text: str) -> bool:
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(text), SCHEMA)
+        return True
+    except (ValueError, jsonschema.ValidationError):
+        return False
+
+
+class reference_checkout:
+    """A temporary git worktree of REF (removed afterwards): (its folder, a label naming the commit)."""
+
+    def __init__(self, ref: str):
+        self.ref = ref
+
+    def __enter__(self):
+        import tempfile
+
+        commit = subprocess.run(["git", "rev-parse", "--short", self.ref], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        self.folder = Path(tempfile.mkdtemp(prefix="corral-ref-")) / commit
+        subprocess.run(["git", "worktree", "add", "--detach", str(self.folder), commit], cwd=REPO, check=True,
+                       capture_output=True)
+        return self.folder, f"@{commit}"
+
+    def __exit__(self, *exc):
+        subprocess.run(["git", "worktree", "remove", "--force", str(self.folder)], cwd=REPO, capture_output=True)
+
+
+def mask_cost_per_token(model: str, steps: int = 200) -> dict:
+    """Milliseconds to fill and apply json_schema masks for 1 and 16 rows, per decode step, in this process."""
+    import torch
+
+    from corral.generate.structured import Grammars, ResponseFormat
+    from corral.models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    width = len(tokenizer)
+    grammars = Grammars(tokenizer, width)
+    fmt = ResponseFormat.json_schema(SCHEMA)
+    cost = {"vocab": width}
+    for rows in (1, 16):
+        matchers = [grammars.matcher(fmt, frozenset({tokenizer.eos_token_id})) for _ in range(rows)]
+        logits = torch.randn(rows, width)
+        started = time.perf_counter()
+        for _ in range(steps):
+            grammars.apply(logits, matchers)  # the first state's mask, re-filled each step as in decoding
+        cost[f"ms_per_step_{rows}_rows"] = round((time.perf_counter() - started) / steps * 1000, 3)
+    print(f"  json_schema mask: {cost}", flush=True)
+    return cost
 
 
 def free_port() -> int:
@@ -248,8 +326,28 @@ def main(argv=None) -> int:
     pool = prompts()
     print(f"serving benchmark on {args.model}: clients {args.clients}, max {args.max_tokens} new tokens, greedy")
     corral_port, base_port = free_port(), free_port()
-    corral = measure("corral serve", [sys.executable, "-m", "corral.cli", "serve", "--model", f"m={args.model}",
-                                      "--port", str(corral_port)], corral_port, "m", args, pool)
+    serve = [sys.executable, "-m", "corral.cli", "serve", "--model", f"m={args.model}", "--port"]
+    corral = measure("corral serve", serve + [str(corral_port)], corral_port, "m", args, pool)
+    extra_rows, extra_ratios, mask_cost = [], {}, None
+    if args.ref:
+        with reference_checkout(args.ref) as (folder, label):
+            port = free_port()
+            ref = measure(f"corral serve {label}", serve + [str(port)], port, "m", args, pool, cwd=folder)
+        extra_rows += level_rows(ref)
+        for now, then in zip(corral["levels"], ref["levels"]):
+            extra_ratios[f"corral/corral {label} tokens_per_s @{now['clients']}"] = round(
+                now["tokens_per_s"] / then["tokens_per_s"], 2)
+    if args.json_schema:
+        port = free_port()
+        extra = {"response_format": {"type": "json_schema", "json_schema": {"name": "summary", "schema": SCHEMA}}}
+        constrained = measure("corral serve json_schema", serve + [str(port)], port, "m", args, pool, extra)
+        extra_rows += level_rows(constrained)
+        for free, schema_level in zip(corral["levels"], constrained["levels"]):
+            extra_ratios[f"json_schema/free tokens_per_s @{free['clients']}"] = round(
+                schema_level["tokens_per_s"] / free["tokens_per_s"], 2)
+        invalid = sum(not valid_reply(text) for level in constrained["levels"] for text in level["replies"].values())
+        extra_ratios["json_schema replies failing the schema"] = invalid
+        mask_cost = mask_cost_per_token(args.model)
     baseline = measure("transformers serial", [sys.executable, __file__, "--baseline-server", "--model", args.model,
                                                "--port", str(base_port)], base_port, "m", args, pool)
 
@@ -257,12 +355,12 @@ def main(argv=None) -> int:
     for c_level, b_level in zip(corral["levels"], baseline["levels"]):
         shared = set(c_level["replies"]) & set(b_level["replies"])
         mismatched += sum(c_level["replies"][p].strip() != b_level["replies"][p].strip() for p in shared)
-        for row, level in ((corral, c_level), (baseline, b_level)):
-            rows.append({"name": f"{row['name']} @{level['clients']}",
-                         **{k: v for k, v in level.items() if k not in ("replies", "clients")},
-                         "peak_rss_mb": row["peak_rss_mb"]})
         ratios[f"corral/serial tokens_per_s @{c_level['clients']}"] = round(
             c_level["tokens_per_s"] / b_level["tokens_per_s"], 2)
+    for c_row, b_row in zip(level_rows(corral), level_rows(baseline)):
+        rows += [c_row, b_row]
+    rows += extra_rows
+    ratios.update(extra_ratios)
     machine = machine_info()
     results = {
         "command": " ".join(["python bench/serve.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -275,6 +373,7 @@ def main(argv=None) -> int:
                            "time of the level; TTFT = request sent -> first streamed content"},
         "rows": rows,
         "ratios": ratios,
+        "json_schema_mask": mask_cost,
     }  # fmt: skip
     out = write_results(results_path("serve", machine["gpu"], args.out), results)
     print(json.dumps(ratios, indent=2))

@@ -31,7 +31,7 @@ class ResponseFormat:
 
     @classmethod
     def json_schema(cls, schema: dict) -> ResponseFormat:
-        return cls("json_schema", json.dumps(schema, sort_keys=True))
+        return cls("json_schema", json.dumps(schema))  # key order kept: it is the order properties are written in
 
 
 class StructuredError(ValueError):

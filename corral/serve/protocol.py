@@ -62,7 +62,7 @@ class ResponseFormatField(BaseModel):
             return None
         if self.type == "json_object":
             return ResponseFormat("json_object")
-        return ResponseFormat("json_schema", json.dumps(self.json_schema.schema_, sort_keys=True))
+        return ResponseFormat("json_schema", json.dumps(self.json_schema.schema_))
 
 
 # Fields OpenAI defines that this server does not implement: refused by name, never silently ignored.
