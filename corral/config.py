@@ -590,6 +590,14 @@ class JudgeGradeConfig(Section):
     limit: int = Field(0, ge=0, description="Only N questions (0: all): a stratified sample across categories, "
                        "seeded by `limit_seed`, the same as `judge answer` picks with the same N and seed.")
     limit_seed: int = Field(0, description="Seed of the `limit` sample.")
+    scoring: Literal["parsed", "expected"] = Field(
+        "parsed", description="parsed: the verdict the judge wrote. expected (single, pairwise): also ask for "
+        "token logprobs and record the probability-weighted verdict at the verdict's token (G-Eval), falling "
+        "back to the parsed one, with the reason recorded, where the endpoint gives none.")
+    top_logprobs: int = Field(20, ge=1, le=20, description="scoring=expected: alternatives asked for per token "
+                              "(OpenAI allows up to 20).")
+    constrained: bool = Field(False, description="Send a JSON schema for the verdict (response_format json_schema, "
+                              "strict) and read the reply as JSON under it; needs an endpoint with structured outputs.")
 
 
 class JudgeReportConfig(Section):
@@ -601,6 +609,11 @@ class JudgeReportConfig(Section):
                               "JUDGE_pair.jsonl) to report on with OUTPUT_DIR/judgments/.")
     questions: str = Field("builtin:corral_questions", description="With `fastchat`: the question file, for the "
                            "categories FastChat's judgments do not record.")
+    votes: StrList = Field(default_factory=list, description="People's pairwise verdicts to measure the judges' "
+                           "agreement against: MT-bench's human-judgment layout (lmsys/mt_bench_human_judgments: "
+                           "question_id, turn, model_a, model_b, winner, judge), JSONL or a JSON list.")
+    answers_dir: str = Field("", description="Answer files, for the answers' lengths (length-controlled win rate) "
+                             "where the judgments lack them (FastChat's); default: OUTPUT_DIR/answers if present.")
 
 
 class ExportGGUFConfig(Section):

@@ -1,12 +1,19 @@
 """A small OpenAI-compatible chat server on 127.0.0.1 whose replies a test scripts: a test double for a
 remote judge (or a remote model). Real HTTP, so the official `openai` client, its retries and our
-concurrency are exercised for real."""
+concurrency are exercised for real.
+
+A scripted reply is a string (sent without logprobs), or a FakeReply with the reply's tokens and
+their log-probabilities, sent in OpenAI's shape (`choices[0].logprobs.content[i].{token, bytes,
+logprob, top_logprobs[j]}`) when the request asks for `logprobs` (the first `top_logprobs`
+alternatives of each token), and `logprobs: null` otherwise, as OpenAI does."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -15,11 +22,43 @@ from fastapi.responses import JSONResponse
 from tests.conftest import free_port
 
 
-class FakeOpenAI:
-    """`reply(messages) -> str` scripts the answers. `fail_first=N` answers the first N requests with
-    `fail_status` (429 by default, with a short retry-after); `delay` seconds per request."""
+@dataclass
+class FakeReply:
+    """A scripted reply. `pieces`: its tokens (joined, normally the reply: `FakeReply.tokens`), sent as
+    logprobs when asked for; None: a server that sends no logprobs even when asked. `top[i]`: the
+    alternatives at token i as (text, probability), most likely first; a token without an entry has
+    itself alone, at probability `p`."""
 
-    def __init__(self, reply: Callable[[list[dict]], str], fail_first: int = 0, fail_status: int = 429,
+    text: str
+    pieces: list[str] | None = None
+    top: dict[int, list[tuple[str, float]]] | None = None
+    p: float = 0.99
+    finish_reason: str = "stop"
+
+    @classmethod
+    def tokens(cls, pieces: list[str], top: dict[int, list[tuple[str, float]]] | None = None, **kw) -> FakeReply:
+        return cls("".join(pieces), list(pieces), top, **kw)
+
+    def logprobs(self, top_logprobs: int) -> dict | None:
+        if self.pieces is None:
+            return None
+
+        def entry(text: str, p: float) -> dict:
+            return {"token": text, "bytes": list(text.encode()), "logprob": math.log(p)}
+
+        content = []
+        for i, piece in enumerate(self.pieces):
+            alternatives = (self.top or {}).get(i) or [(piece, self.p)]
+            own = dict(alternatives).get(piece, self.p)
+            content.append({**entry(piece, own), "top_logprobs": [entry(t, p) for t, p in alternatives[:top_logprobs]]})
+        return {"content": content, "refusal": None}
+
+
+class FakeOpenAI:
+    """`reply(messages) -> str | FakeReply` scripts the answers. `fail_first=N` answers the first N
+    requests with `fail_status` (429 by default, with a short retry-after); `delay` seconds per request."""
+
+    def __init__(self, reply: Callable[[list[dict]], str | FakeReply], fail_first: int = 0, fail_status: int = 429,
                  delay: float = 0.0):
         self.reply, self.fail_first, self.fail_status, self.delay = reply, fail_first, fail_status, delay
         self.requests: list[dict] = []  # every request body received, failed ones included
@@ -39,10 +78,14 @@ class FakeOpenAI:
                 import asyncio
 
                 await asyncio.sleep(self.delay)
-            text = self.reply(body["messages"])
+            scripted = self.reply(body["messages"])
+            if isinstance(scripted, str):
+                scripted = FakeReply(scripted)
+            choice = {"index": 0, "finish_reason": scripted.finish_reason,
+                      "message": {"role": "assistant", "content": scripted.text},
+                      "logprobs": scripted.logprobs(body.get("top_logprobs") or 0) if body.get("logprobs") else None}  # fmt: skip
             return {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
-                    "model": body["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+                    "model": body["model"], "choices": [choice],
                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}  # fmt: skip
 
         self.port = free_port()

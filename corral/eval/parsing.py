@@ -12,7 +12,9 @@ that echo into a score, so the rules here are:
 4. A score of another type or range than the one asked for (`[[8.5]]` when integers are asked,
    `[[11]]` on a 1-10 scale) is unparseable, never rounded or clamped.
 
-Each parser returns None for an unparseable reply; the caller records it as `parsed: false`.
+Each parser returns None for an unparseable reply; the caller records it as `parsed: false`, with
+`unparsed_reason`. `verdict_span` says where in the reply the parsed verdict stands, for reading the
+judge's token probabilities there (scoring=expected).
 """
 
 from __future__ import annotations
@@ -126,3 +128,79 @@ def parse_two_scores(reply: str, scale: Scale = DEFAULT_SCALE) -> tuple[float, f
     if not found or any(None in pair for pair in found):
         return None
     return _one(found)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the verdict stands, and why a reply did not parse
+
+
+def own_mask(reply: str) -> str:
+    """`reply` with the quoted or echoed content `own_text` drops blanked to spaces instead (newlines
+    kept), so offsets into it are offsets into the reply."""
+
+    def blank(m: re.Match) -> str:
+        return re.sub(r"[^\n]", " ", m[0])
+
+    text = _FENCED.sub(blank, reply)
+    text = _INLINE_CODE.sub(blank, text)
+    text = _QUOTE_LINE.sub(blank, text)
+    text = _DOUBLE_QUOTED.sub(lambda m: f" {m[1]} " if _MARKER.fullmatch(m[1].strip()) else blank(m), text)
+    while _INNER_BRACES.search(text):
+        text = _INNER_BRACES.sub(blank, text)
+    return text
+
+
+def _last_line_at(text: str) -> tuple[str, int]:
+    """The last non-blank line of `text`, stripped, and the offset of its first character."""
+    offset = len(text)
+    for line in reversed(text.splitlines(keepends=True)):
+        offset -= len(line)
+        if line.strip():
+            return line.strip(), offset + len(line) - len(line.lstrip())
+    return "", 0
+
+
+def verdict_span(reply: str, output_format: str) -> tuple[int, int] | None:
+    """(start, end) of the verdict's value in `reply` (the digits of `[[8]]` or of `Rating: 8/10`, the
+    letter of `[[A]]`), found by the parsers' own rules: the last marker in the judge's own text, else
+    the labelled last line. None when there is none or the format has two values (`[[rating_a,rating_b]]`).
+    The caller checks that the text there reads as the parsed verdict."""
+    text = own_mask(reply)
+    if output_format == "[[rating]]":
+        markers = [m for m in _MARKER.finditer(text) if re.search(r"\d", m[1])]
+        if markers:
+            number = re.search(r"\d+(?:\.\d+)?", markers[-1][1])
+            return markers[-1].start(1) + number.start(), markers[-1].start(1) + number.end()
+        line, at = _last_line_at(text)
+        m = _labelled(line, "rating|score|grade", r"\[?\s*([\d./ ]+?(?:\s*out of\s*\d+)?)\s*\]?")
+        if not m:
+            return None
+        number = re.search(r"\d+(?:\.\d+)?", m[1])
+        return at + m.start(1) + number.start(), at + m.start(1) + number.end()
+    if output_format == "[[A]]":
+        markers = [m for m in _MARKER.finditer(text) if len(m[1].strip()) <= 3]
+        if markers:
+            inner = markers[-1][1]
+            start = markers[-1].start(1) + len(inner) - len(inner.lstrip())
+            return start, start + len(inner.strip())
+        line, at = _last_line_at(text)
+        m = _labelled(line, r"verdict|winner|better (?:reply|answer|assistant)",
+                      r"(?:assistant\s*)?\[?\s*(A|B|C|tie)\s*\]?")  # fmt: skip
+        return (at + m.start(1), at + m.end(1)) if m else None
+    return None
+
+
+def unparsed_reason(reply: str, output_format: str) -> str:
+    """Why the parser for `output_format` found no verdict in `reply` (recorded with the judgment)."""
+    text = own_text(reply)
+    if not text.strip():
+        return "empty reply" if not reply.strip() else "only quoted or echoed content, no verdict of the judge's own"
+    markers = [m.strip() for m in _MARKER.findall(text)]
+    if output_format == "[[A]]":
+        markers = [m for m in markers if len(m) <= 3]
+    else:
+        markers = [m for m in markers if re.search(r"\d", m)]
+    if markers:
+        shown = ", ".join(f"[[{m}]]" for m in dict.fromkeys(markers))
+        return f"verdict markers {shown}: different ones, or outside what the prompt asks for ({output_format})"
+    return f"no {output_format} marker and no labelled verdict on the last line"

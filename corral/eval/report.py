@@ -1,6 +1,8 @@
 """Judge report: scores with bootstrap intervals, per-category scores, relative scores, win/tie/loss
-after the position-swap rule, Bradley-Terry (Elo-scale) ratings with intervals, the judge's position
-consistency and unparseable counts. Written as JSON, Markdown and one self-contained HTML file.
+after the position-swap rule, Bradley-Terry (Elo-scale) ratings with intervals, length-controlled
+win rates (length_control.py), probability-weighted scores where the judge gave logprobs
+(expected.py), each judge's position consistency and the agreement between judges (agreement.py),
+and parse rates. Written as JSON, Markdown and one self-contained HTML file.
 
 Position-swap rule (MT-bench): a pair of answers is judged in both orders; a model wins only when
 both orders pick it, any other combination (a flip, or a tie in either order) is a tie. A pair with
@@ -14,12 +16,15 @@ import html
 import io
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from corral.atomic import atomic_write_text, read_jsonl
+from corral.eval.agreement import (item_key, pairwise_agreement, position_consistency, single_agreement,
+                                   votes_from_games)
+from corral.eval.length_control import length_controlled
 
 
 def latest(records: list[dict], fields: tuple[str, ...]) -> list[dict]:
@@ -67,6 +72,19 @@ def single_scores(records: list[dict], rounds: int = 1000, seed: int = 0) -> dic
             "categories": {c: float(np.mean(v)) if v else None for c, v in sorted(categories.items())},
             "category_unparseable": dict(sorted(unparsed.items())),
         }  # fmt: skip
+        weighed = [r for r in rows if r.get("scoring") == "expected"]
+        if weighed:  # scoring=expected: the probability-weighted score beside the sampled one
+            expected = [r["expected_score"] for r in weighed if r.get("expected_score") is not None]
+            by_model[model]["expected"] = {
+                "mean": float(np.mean(expected)) if expected else None,
+                "ci95": bootstrap_ci(expected, rounds=rounds, seed=seed) if expected else None,
+                "n": len(expected),
+                # the sampled score on the same judgments, so the two means compare like with like
+                "parsed_mean": float(np.mean([r["score"] for r in weighed if r.get("expected_score") is not None]))
+                if expected else None,
+                "fallbacks": dict(sorted(Counter(r["expected_fallback"] for r in weighed
+                                                 if "expected_fallback" in r).items())),
+            }  # fmt: skip
     return by_model
 
 
@@ -122,14 +140,30 @@ def relative_from_single(single: dict, records: list[dict], baseline: str) -> di
 # Pairwise: position-swap resolution, win rates, consistency, Bradley-Terry
 
 
-def resolve_pairwise(records: list[dict]) -> tuple[list[dict], dict]:
-    """Games (one per question turn and pair, after the swap rule) and judge statistics."""
+def _answer_length(answers: dict | None, model: str, question_id, turn: int) -> int | None:
+    record = (answers or {}).get(model, {}).get(question_id)
+    return len(record["turns"][turn - 1]) if record and len(record["turns"]) >= turn else None
+
+
+def _game_lengths(rows: list[dict], a: str, b: str, answers: dict | None) -> tuple[int | None, int | None]:
+    """Characters of a's and b's judged answers: from the judgments (`length_1`, `length_2`), else the answer files."""
+    for r in rows:
+        if r.get("length_1") is not None and r.get("length_2") is not None:
+            lengths = {r["model_1"]: r["length_1"], r["model_2"]: r["length_2"]}
+            return lengths[a], lengths[b]
+    qid, turn = rows[0]["question_id"], rows[0]["turn"]
+    return _answer_length(answers, a, qid, turn), _answer_length(answers, b, qid, turn)
+
+
+def resolve_pairwise(records: list[dict], answers: dict | None = None) -> tuple[list[dict], dict]:
+    """Games (one per judge, question turn and pair, after the swap rule) and judge statistics.
+    `answers[model][question_id]` (answer records) give the answers' lengths where the judgments lack them."""
     records = latest(records, ("judge", "question_id", "turn", "model_1", "model_2"))
     groups = defaultdict(list)
     for r in records:
         groups[(r["judge"], r["question_id"], r["turn"], frozenset((r["model_1"], r["model_2"])))].append(r)
     games, both_orders, consistent, unresolved = [], 0, 0, 0
-    for (_, qid, turn, pair), rows in groups.items():
+    for (judge, qid, turn, pair), rows in groups.items():
         a, b = sorted(pair)
         if any(not r.get("parsed") for r in rows):
             unresolved += 1
@@ -140,13 +174,32 @@ def resolve_pairwise(records: list[dict]) -> tuple[list[dict], dict]:
             consistent += len(set(winners)) == 1
         outcome = winners[0] if len(set(winners)) == 1 else "tie"
         category = rows[0]["category"]
-        games.append({"question_id": qid, "turn": turn, "category": category, "model_a": a, "model_b": b,
-                      "winner": outcome, "flipped": len(set(winners)) > 1})  # fmt: skip
+        length_a, length_b = _game_lengths(rows, a, b, answers)
+        games.append({"judge": judge, "question_id": qid, "turn": turn, "category": category, "model_a": a,
+                      "model_b": b, "winner": outcome, "flipped": len(set(winners)) > 1, "length_a": length_a,
+                      "length_b": length_b})  # fmt: skip
     stats = {"games": len(games), "swapped_pairs": both_orders,
              "position_consistency": consistent / both_orders if both_orders else None,
              "unresolved": unresolved, "unparseable": sum(not r.get("parsed") for r in records),
              "verdicts": len(records)}  # fmt: skip
     return games, stats
+
+
+def expected_win_rates(records: list[dict]) -> list[dict]:
+    """scoring=expected, pairwise: per model pair, the mean over its judgments (both orders) of the
+    judge's probability that model_a wins plus half its probability of a tie."""
+    records = latest(records, ("judge", "question_id", "turn", "model_1", "model_2"))
+    pairs: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in records:
+        probs = r.get("expected_probs")
+        if not probs:
+            continue
+        a, b = sorted((r["model_1"], r["model_2"]))
+        p_first, p_second, p_tie = probs.get("A", 0.0), probs.get("B", 0.0), probs.get("tie", 0.0)
+        p_a = p_first if r["model_1"] == a else p_second
+        pairs[(a, b)].append(p_a + 0.5 * p_tie)
+    return [{"model_a": a, "model_b": b, "judgments": len(v), "win_rate_a": float(np.mean(v))}
+            for (a, b), v in sorted(pairs.items())]  # fmt: skip
 
 
 def win_table(games: list[dict]) -> dict:
@@ -238,9 +291,30 @@ def elo_ratings(games: list[dict], models: list[str], rounds: int = 200, seed: i
 # The report
 
 
+def parse_rates(records: list[dict]) -> list[dict]:
+    """Per mode, judge and constrained or not: judgments, parsed share, mean seconds per judgment, the
+    most common reasons a reply did not parse."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r.get("mode", "?"), r["judge"], bool(r.get("constrained")))].append(r)
+    rows = []
+    for (mode, judge, constrained), rows_of in sorted(groups.items()):
+        latencies = [r["latency_s"] for r in rows_of if r.get("latency_s") is not None]
+        parsed = sum(bool(r.get("parsed")) for r in rows_of)
+        reasons = Counter(r["parse_error"] for r in rows_of if r.get("parse_error"))
+        rows.append({"mode": mode, "judge": judge, "constrained": constrained, "judgments": len(rows_of),
+                     "parsed": parsed, "rate": parsed / len(rows_of),
+                     "seconds_per_judgment": float(np.mean(latencies)) if latencies else None,
+                     "reasons": reasons.most_common(3)})  # fmt: skip
+    return rows
+
+
 def build_report(judgments_dir: str | Path, baseline: str | None = None, rounds: int = 1000, seed: int = 0,
-                 extra: dict[str, list[dict]] | None = None) -> dict:
-    """The report over `judgments_dir/MODE.jsonl`, plus `extra` judgments by mode (FastChat's, read in)."""
+                 extra: dict[str, list[dict]] | None = None, votes: list[dict] | None = None,
+                 answers: dict | None = None) -> dict:  # fmt: skip
+    """The report over `judgments_dir/MODE.jsonl`, plus `extra` judgments by mode (FastChat's, read in),
+    `votes` (people's pairwise verdicts, agreement.read_votes) to measure the judges' agreement against,
+    and `answers[model][question_id]` for the answers' lengths where the judgments lack them."""
     judgments_dir = Path(judgments_dir)
     extra = extra or {}
     single, pairwise, relative = (read_jsonl(judgments_dir / f"{mode}.jsonl") + extra.get(mode, [])
@@ -254,15 +328,33 @@ def build_report(judgments_dir: str | Path, baseline: str | None = None, rounds:
         report["relative"] = relative_scores(relative, rounds, seed)
     elif single and baseline and baseline in report["single"]:
         report["relative"] = relative_from_single(report["single"], single, baseline)
+    games: list[dict] = []
     if pairwise:
-        games, stats = resolve_pairwise(pairwise)
+        games, stats = resolve_pairwise(pairwise, answers)
         models = sorted({g["model_a"] for g in games} | {g["model_b"] for g in games})
         report["pairwise"] = {"judge": stats, **win_table(games)}
         report["pairwise"]["matrix"] = {"models": models, "win_rate": win_matrix(games, models).tolist()}
+        report["pairwise"]["length_controlled"] = length_controlled(games, baseline, rounds=min(rounds, 200), seed=seed)
+        if any(r.get("scoring") == "expected" for r in pairwise):
+            report["pairwise"]["expected"] = expected_win_rates(pairwise)
         report["elo"] = elo_ratings(games, models, rounds=min(rounds, 200), seed=seed, anchor=baseline) if models else {}
+    report["agreement"] = agreement_section(single, pairwise, games, votes or [])
+    report["parse_rates"] = parse_rates(single + pairwise + relative)
     report["unparseable"] = {mode: sum(not r.get("parsed") for r in rows)
                              for mode, rows in (("single", single), ("pairwise", pairwise), ("relative", relative)) if rows}  # fmt: skip
     return report
+
+
+def agreement_section(single: list[dict], pairwise: list[dict], games: list[dict], votes: list[dict]) -> dict:
+    """Each judge's position consistency; with two or more judges (people's votes count as judges),
+    their pairwise agreement (Cohen's kappa) and single-score agreement (Spearman)."""
+    section: dict = {"position": position_consistency(pairwise) if pairwise else {}}
+    pair_votes = votes_from_games(games)
+    for v in votes:
+        pair_votes[v["judge"]][item_key(v["question_id"], v["turn"], v["model_a"], v["model_b"])].append(v["winner"])
+    section["pairwise"] = pairwise_agreement(pair_votes) if len(pair_votes) >= 2 else []
+    section["single"] = single_agreement(single) if len({r["judge"] for r in single}) >= 2 else []
+    return section
 
 
 def _fmt(x, digits: int = 2) -> str:
@@ -296,6 +388,7 @@ def to_markdown(report: dict) -> str:
         for c in categories:
             lines.append(f"| {c} | " + " | ".join(_category_cell(report["single"][m], c) for m in models) + " |")
         lines.append("")
+        lines += _expected_scores_markdown(report["single"])
     if report.get("relative"):
         lines += ["## Relative score (sum of the model's scores / sum of the baseline's)", "",
                   "| model | baseline | relative | 95% CI | graded |", "|---|---|---:|---:|---:|"]  # fmt: skip
@@ -317,8 +410,97 @@ def to_markdown(report: dict) -> str:
         lines += ["", f"Judge position consistency: {_fmt(j['position_consistency'])} "
                   f"({j['swapped_pairs']} pairs judged in both orders); "
                   f"{j['unresolved']} pairs left out for an unparseable verdict.", ""]  # fmt: skip
-    lines += ["## Unparseable judge replies", ""] + [f"- {mode}: {n}" for mode, n in report["unparseable"].items()] + [""]
+        lines += _length_controlled_markdown(p.get("length_controlled", []))
+        if p.get("expected"):
+            lines += ["### Probability-weighted verdicts (scoring=expected)", "",
+                      "Mean over the judgments of both orders of the judge's probability that model A wins, plus "
+                      "half its probability of a tie, read from its token probabilities at the verdict.", "",
+                      "| model A | model B | judgments | A's weighted win rate |", "|---|---|---:|---:|"]  # fmt: skip
+            lines += [f"| {r['model_a']} | {r['model_b']} | {r['judgments']} | {_fmt(r['win_rate_a'])} |"
+                      for r in p["expected"]] + [""]  # fmt: skip
+    lines += _agreement_markdown(report.get("agreement", {}))
+    lines += ["## Judge replies parsed", "", "| mode | judge | constrained | parsed | judgments | parse rate | "
+              "s per judgment | most common failure |", "|---|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    for r in report.get("parse_rates", []):
+        failure = f"{r['reasons'][0][0]} ({r['reasons'][0][1]})" if r["reasons"] else "-"
+        lines.append(f"| {r['mode']} | {r['judge']} | {'yes' if r['constrained'] else 'no'} | {r['parsed']} | "
+                     f"{r['judgments']} | {_fmt(r['rate'])} | {_fmt(r['seconds_per_judgment'])} | "
+                     f"{_cell(failure)} |")  # fmt: skip
+    lines += ["", "Unparseable judge replies: " + ", ".join(f"{mode} {n}" for mode, n in report["unparseable"].items()), ""]
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """Text safe in a Markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _expected_scores_markdown(single: dict) -> list[str]:
+    rows = [(m, s["expected"]) for m, s in sorted(single.items()) if "expected" in s]
+    if not rows:
+        return []
+    lines = ["### Probability-weighted scores (scoring=expected)", "",
+             "The judge's expected score at its verdict (sum of p(score) x score over the score tokens it could "
+             "have written there, renormalised), beside the score it wrote, on the same judgments.", "",
+             "| model | expected | 95% CI | sampled | weighed | kept the sampled score only |",
+             "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    for m, e in rows:
+        kept = ", ".join(f"{reason}: {n}" for reason, n in e["fallbacks"].items()) or "-"
+        lines.append(f"| {m} | {_fmt(e['mean'])} | {_ci(e['ci95'])} | {_fmt(e['parsed_mean'])} | {e['n']} | "
+                     f"{_cell(kept)} |")  # fmt: skip
+    return lines + [""]
+
+
+LC_METHOD = ("Length-controlled win rate (AlpacaEval 2's idea, smaller): for each pair, a logistic fit "
+             "P(model wins) = sigmoid(b0 + b1 tanh(d / sd(d))), d = characters of the model's answer minus the "
+             "opponent's, ties counted 1/2; the LC win rate is sigmoid(b0), the fitted win rate at equal length. "
+             "95% interval: bootstrap over games.")  # fmt: skip
+
+
+def _length_controlled_markdown(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["### Length-controlled win rate", "", LC_METHOD, "",
+             "| model | opponent | games | win rate | LC win rate | 95% CI | mean length difference | length coef |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['opponent']} | {r['games']} | {_fmt(r.get('win_rate'))} | "
+                     f"{_fmt(r.get('lc_win_rate'))} | {_ci(r.get('lc_ci95'))} | {_fmt(r.get('mean_length_difference'), 0)} | "
+                     f"{_fmt(r.get('length_coef'))} |")  # fmt: skip
+    missing = sum(r["games_without_length"] for r in rows)
+    if missing:
+        lines += ["", f"{missing} games left out: the lengths of their answers are unknown (give answers_dir)."]
+    return lines + [""]
+
+
+def _agreement_markdown(agreement: dict) -> list[str]:
+    lines: list[str] = []
+    if agreement.get("position"):
+        lines += ["## Judge agreement", "", "### Position consistency (pairs judged in both orders)", "",
+                  "| judge | pairs | consistent | biased to first | biased to second | other flips |",
+                  "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for judge, c in agreement["position"].items():
+            lines.append(f"| {judge} | {c['pairs']} | {_fmt(c['consistent'])} | {_fmt(c['biased_first'])} | "
+                         f"{_fmt(c['biased_second'])} | {_fmt(c['other_flip'])} |")  # fmt: skip
+        lines.append("")
+    if agreement.get("pairwise"):
+        lines += ([] if lines else ["## Judge agreement", ""]) + [
+            "### Pairwise verdicts (after the swap rule; Cohen's kappa over vote pairs)", "",
+            "| judge | judge | items | votes | agreement | kappa | agreement without ties | votes without ties |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for r in agreement["pairwise"]:
+            lines.append(f"| {r['judges'][0]} | {r['judges'][1]} | {r['items']} | {r['votes']} | {_fmt(r['agreement'])} | "
+                         f"{_fmt(r['kappa'])} | {_fmt(r['agreement_without_ties'])} | {r['votes_without_ties']} |")  # fmt: skip
+        lines.append("")
+    if agreement.get("single"):
+        lines += ([] if lines else ["## Judge agreement", ""]) + [
+            "### Single scores (Spearman's rank correlation)", "",
+            "| judge | judge | answer turns | Spearman | mean absolute difference |", "|---|---|---:|---:|---:|"]  # fmt: skip
+        for r in agreement["single"]:
+            lines.append(f"| {r['judges'][0]} | {r['judges'][1]} | {r['items']} | {_fmt(r['spearman'])} | "
+                         f"{_fmt(r['mean_abs_difference'])} |")  # fmt: skip
+        lines.append("")
+    return lines
 
 
 def _png(fig) -> str:
@@ -418,8 +600,9 @@ def _data_uri(images_dir: Path, src: str) -> str:
 
 
 def write_report(judgments_dir: str | Path, out_dir: str | Path, baseline: str | None = None, rounds: int = 1000,
-                 seed: int = 0, extra: dict[str, list[dict]] | None = None) -> dict[str, Path]:
-    report = build_report(judgments_dir, baseline, rounds, seed, extra)
+                 seed: int = 0, extra: dict[str, list[dict]] | None = None, votes: list[dict] | None = None,
+                 answers: dict | None = None) -> dict[str, Path]:  # fmt: skip
+    report = build_report(judgments_dir, baseline, rounds, seed, extra, votes, answers)
     markdown = to_markdown(report)
     out_dir = Path(out_dir)
     paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md", "html": out_dir / "report.html"}

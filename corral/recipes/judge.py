@@ -11,15 +11,26 @@ from corral.eval.question_set import describe_sample, read_questions, stratified
 from corral.generate.sampling import SamplingParams
 
 
-def api_backend(url: str, model: str, key_env: str, retries: int, timeout: float, send_extensions: bool = False):
+def _client(url: str, model: str, key_env: str, retries: int, timeout: float):
     from openai import OpenAI
-
-    from corral.serve.backends import APIBackend
 
     if not model:
         raise ValueError(f"an endpoint ({url}) needs its model name (api_model / judge_model)")
-    client = OpenAI(base_url=url, api_key=os.environ.get(key_env) or "none", max_retries=retries, timeout=timeout)
-    return APIBackend(client, model, send_extensions=send_extensions)
+    return OpenAI(base_url=url, api_key=os.environ.get(key_env) or "none", max_retries=retries, timeout=timeout)
+
+
+def api_backend(url: str, model: str, key_env: str, retries: int, timeout: float, send_extensions: bool = False):
+    """A model to answer questions, behind an OpenAI-compatible endpoint."""
+    from corral.serve.backends import APIBackend
+
+    return APIBackend(_client(url, model, key_env, retries, timeout), model, send_extensions=send_extensions)
+
+
+def judge_client(url: str, model: str, key_env: str, retries: int, timeout: float):
+    """The judge behind an OpenAI-compatible endpoint (logprobs and response_format when asked)."""
+    from corral.eval.client import OpenAIJudge
+
+    return OpenAIJudge(_client(url, model, key_env, retries, timeout), model)
 
 
 def load_questions(path: str, limit: int, seed: int) -> tuple[list, str]:
@@ -93,11 +104,14 @@ def grade(cfg: JudgeGradeConfig):
     answers = load_answers(answers_dir, needed)
     prompts = load_prompts(cfg.prompts or None)
     tasks, missing = build_tasks(cfg.mode, questions, answers, needed, prompts, cfg.judge_model, baseline=cfg.baseline,
-                                 swap=cfg.swap, reference_categories=cfg.reference_categories)  # fmt: skip
-    judge = api_backend(cfg.judge_api, cfg.judge_model, cfg.judge_key_env, cfg.retries, cfg.timeout)
+                                 swap=cfg.swap, reference_categories=cfg.reference_categories,
+                                 constrained=cfg.constrained, scoring=cfg.scoring, top_logprobs=cfg.top_logprobs)  # fmt: skip
+    judge = judge_client(cfg.judge_api, cfg.judge_model, cfg.judge_key_env, cfg.retries, cfg.timeout)
     params = SamplingParams(max_new_tokens=cfg.max_tokens, temperature=cfg.temperature)
     path = out / "judgments" / f"{cfg.mode}.jsonl"
-    print(f"judge {cfg.judge_model} at {cfg.judge_api} ({prompts.kind} prompts from {prompts.path}): {len(tasks)} "
+    how = "".join([", verdicts constrained to a JSON schema" if cfg.constrained else "",
+                   f", scoring=expected (top_logprobs={cfg.top_logprobs})" if cfg.scoring == "expected" else ""])
+    print(f"judge {cfg.judge_model} at {cfg.judge_api} ({prompts.kind} prompts from {prompts.path}{how}): {len(tasks)} "
           f"{cfg.mode} judgments of {', '.join(needed)} on {picked} -> {path}", flush=True)  # fmt: skip
     result = run_grade(tasks, judge, params, path, concurrency=cfg.concurrency)
     result.missing_answers = missing
@@ -113,6 +127,9 @@ def grade(cfg: JudgeGradeConfig):
 
 
 def report(cfg: JudgeReportConfig) -> dict:
+    from corral.atomic import read_jsonl
+    from corral.eval.agreement import read_votes
+    from corral.eval.answer import answered_models, load_answers
     from corral.eval.report import write_report
 
     out = Path(cfg.output_dir)
@@ -124,8 +141,14 @@ def report(cfg: JudgeReportConfig) -> dict:
         for path in cfg.fastchat:
             for record in read_fastchat_judgments(path, questions):
                 extra.setdefault(record["mode"], []).append(record)
+    votes = [vote for path in cfg.votes for vote in read_votes(path)]
+    answers_dir = Path(cfg.answers_dir) if cfg.answers_dir else out / "answers"
+    pairwise = read_jsonl(out / "judgments" / "pairwise.jsonl") + extra.get("pairwise", [])
+    answers = None  # read for the answers' lengths only where pairwise judgments do not record them (FastChat's)
+    if cfg.answers_dir or (answers_dir.is_dir() and any(r.get("length_1") is None for r in pairwise)):
+        answers = load_answers(answers_dir, answered_models(answers_dir))
     paths = write_report(out / "judgments", out, baseline=cfg.baseline, rounds=cfg.bootstrap, seed=cfg.seed,
-                         extra=extra)  # fmt: skip
+                         extra=extra, votes=votes, answers=answers)  # fmt: skip
     print(paths["markdown"].read_text())
     print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
     return paths

@@ -21,7 +21,7 @@ from corral.eval.judge import build_tasks, grade, load_prompts
 from corral.eval.question_set import Question, read_questions
 from corral.eval.report import bradley_terry, build_report, resolve_pairwise, write_report
 from corral.generate.sampling import SamplingParams
-from corral.recipes.judge import api_backend
+from corral.recipes.judge import api_backend, judge_client
 from tests.fake_openai import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,7 +129,7 @@ def _grade(server, out: Path, mode: str, models: list[str], baseline=None, promp
     answers = load_answers(out / "answers", models)
     tasks, missing = build_tasks(mode, QUESTIONS, answers, models, load_prompts(prompts), "judge-x",
                                  baseline=baseline)  # fmt: skip
-    judge = api_backend(server.url, "judge-x", "NO_SUCH_KEY_VAR", retries=4, timeout=30)
+    judge = judge_client(server.url, "judge-x", "NO_SUCH_KEY_VAR", retries=4, timeout=30)
     return tasks, grade(tasks, judge, SamplingParams(max_new_tokens=64), out / "judgments" / f"{mode}.jsonl",
                         concurrency=concurrency, progress=False)  # fmt: skip
 
@@ -280,7 +280,7 @@ def test_failed_judgments_are_not_recorded(tmp_path):
         write_answers(tmp_path / "answers", "good", "GOOD")
         answers = load_answers(tmp_path / "answers", ["good"])
         tasks, _ = build_tasks("single", QUESTIONS, answers, ["good"], load_prompts(), "judge-x")
-        judge = api_backend(server.url, "judge-x", "NO_SUCH_KEY_VAR", retries=1, timeout=30)
+        judge = judge_client(server.url, "judge-x", "NO_SUCH_KEY_VAR", retries=1, timeout=30)
         result = grade(tasks, judge, SamplingParams(), tmp_path / "j.jsonl", progress=False)
     finally:
         server.stop()

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from corral.eval.parsing import Scale, own_text, parse_score, parse_two_scores, parse_verdict
+from corral.eval.parsing import (Scale, own_mask, own_text, parse_score, parse_two_scores, parse_verdict,
+                                 unparsed_reason, verdict_span)
 
 ECHOED_JSON = """The assistant returned:
 {"product": "Phone X", "review": {"text": "a rating of 4.7 from users", "stars": 4.7}}
@@ -118,3 +119,33 @@ def test_parse_two_scores(reply, expected):
 def test_own_text_drops_echoes():
     text = own_text('keep ```drop``` `drop` "drop" {"a": {"b": 1}} "[[A]]"\n> drop\nkeep')
     assert "drop" not in text and text.count("keep") == 2 and "[[A]]" in text
+
+
+@pytest.mark.parametrize("reply,expected", [row for row in SCORES if row[1] is not None])
+def test_verdict_span_points_at_the_parsed_score(reply, expected):
+    """Where scoring=expected reads the judge's token probabilities: at the score the parser read."""
+    start, end = verdict_span(reply, "[[rating]]")
+    assert float(reply[start:end]) == expected
+
+
+@pytest.mark.parametrize("reply,expected", [row for row in VERDICTS if row[1] is not None])
+def test_verdict_span_points_at_the_parsed_verdict(reply, expected):
+    start, end = verdict_span(reply, "[[A]]")
+    assert {"A": "A", "B": "B", "C": "tie", "tie": "tie"}[reply[start:end]] == expected
+
+
+def test_own_mask_keeps_offsets():
+    reply = 'keep ```drop``` `drop` "drop" {"a": {"b": 1}} "[[A]]"\n> drop\nkeep'
+    mask = own_mask(reply)
+    assert len(mask) == len(reply) and mask.count("\n") == reply.count("\n")
+    assert "drop" not in mask and mask.split() == own_text(reply).split()
+
+
+def test_unparsed_reasons():
+    assert unparsed_reason("The answer is fine.", "[[rating]]") == ("no [[rating]] marker and no labelled verdict "
+                                                                    "on the last line")  # fmt: skip
+    assert unparsed_reason("first [[2]] then [[6]]", "[[rating]]") == (
+        "verdict markers [[2]], [[6]]: different ones, or outside what the prompt asks for ([[rating]])")
+    assert unparsed_reason("[[D]]", "[[A]]").startswith("verdict markers [[D]]:")
+    assert unparsed_reason("```\n[[A]]\n```", "[[A]]") == "only quoted or echoed content, no verdict of the judge's own"
+    assert unparsed_reason("  ", "[[A]]") == "empty reply"
