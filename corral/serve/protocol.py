@@ -119,6 +119,8 @@ class _Request(BaseModel):
         for field, why in NOT_IMPLEMENTED.items():
             if getattr(self, field, None) is not None:
                 raise APIError(400, f"{field}: {why}", param=field)
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options: only allowed with stream=true", param="stream_options")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise APIError(400, "stop: up to 4 non-empty strings", param="stop")

@@ -174,10 +174,11 @@ def lookup(serving: Serving, name: str) -> ServedModel:
 @contextmanager
 def admission(serving: Serving, served: ServedModel, replies: int) -> Iterator[None]:
     """Refuse (429) a request whose replies would queue past the limit; count them while they are prepared.
-    Runs on the event loop, so the check and the count are one step."""
+    Runs on the event loop, so the check and the count are one step. A request is never refused by an idle
+    queue (a retry could not succeed): `n` above `max_queue` waits alone."""
     key = id(served.engine)
     queued = served.engine.stats().waiting + serving.preparing.get(key, 0)
-    if queued + replies > serving.limits.max_queue:
+    if queued and queued + replies > serving.limits.max_queue:  # with nothing waiting, any valid n is admitted
         raise APIError(429, f"the server is busy: {queued} replies are waiting for a place; retry shortly",
                        type="requests", code="rate_limit_exceeded", headers={"Retry-After": "1"})
     serving.preparing[key] = serving.preparing.get(key, 0) + replies

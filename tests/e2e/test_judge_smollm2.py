@@ -5,6 +5,7 @@ bookkeeping (every judgment recorded, parsed or marked unparseable), not a 135M 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -45,8 +46,32 @@ def test_answer_grade_report_with_the_embedded_judge(tmp_path, tiny_model_dir, t
         judge = ["--judge-api", server.url + "/v1", "--judge-model", "smollm2-135m", "max_tokens=96"]
         printed = corral("judge", "grade", *common, *judge, "mode=single")
         printed += corral("judge", "grade", *common, *judge, "mode=pairwise")
+        constrained_out, expected_out = tmp_path / "constrained", tmp_path / "expected"
+        for folder in (constrained_out, expected_out):
+            shutil.copytree(out / "answers", folder / "answers")
+        wide = [*judge[:-1], "max_tokens=200"]  # room for the JSON's reason before its verdict
+        for mode in ("single", "pairwise"):
+            printed += corral("judge", "grade", "--questions", str(questions), f"output_dir={constrained_out}", *wide,
+                              f"mode={mode}", "constrained=true")  # fmt: skip
+        printed += corral("judge", "grade", "--questions", str(questions), f"output_dir={expected_out}", *judge,
+                          "mode=single", "scoring=expected")  # fmt: skip
     finally:
         server.stop()
+    rates = {}
+    for mode in ("single", "pairwise"):
+        records = read_jsonl(constrained_out / "judgments" / f"{mode}.jsonl")
+        assert len(records) == 8
+        for record in records:  # under the schema a verdict always parses, unless max_tokens cut the JSON
+            assert record["parsed"] or "cut at max_tokens" in record["parse_error"], record
+        rates[f"constrained {mode}"] = sum(r["parsed"] for r in records) / len(records)
+    rates["free single"] = sum(r["parsed"] for r in read_jsonl(out / "judgments" / "single.jsonl")) / 8
+    rates["free pairwise"] = sum(r["parsed"] for r in read_jsonl(out / "judgments" / "pairwise.jsonl")) / 8
+    for record in read_jsonl(expected_out / "judgments" / "single.jsonl"):
+        if record["parsed"] and "expected_fallback" not in record:
+            assert 1 <= record["expected_score"] <= 10 and 0 < record["expected_mass"] <= 1 + 1e-6
+        else:
+            assert record.get("expected_fallback"), record
+    print("parse rates:", rates)
     print(printed)
     single = read_jsonl(out / "judgments" / "single.jsonl")
     pairwise = read_jsonl(out / "judgments" / "pairwise.jsonl")

@@ -48,32 +48,62 @@ def server(browser, tmp_path_factory, tiny_model_dir, tiny_lora_dir):
     proc.stop()
 
 
+CSP = "default-src 'self'"  # what the server sends with the page; the page must work under it
+
+
 @pytest.fixture
 def open_page(browser, server):
-    """open_page(key=True) -> a fresh page (own localStorage) on the server, its model list loaded when keyed."""
+    """open_page(key=True) -> a fresh page (own storage) on the server, its model list loaded when keyed.
+
+    The key is seeded into sessionStorage, where the page keeps it by default. Every page is served under
+    `Content-Security-Policy: default-src 'self'` (added here beside whatever policy the server sends, so the
+    page is held to both), and any policy violation the browser reports fails the test, as an uncaught page
+    error does.
+    `context=` opens another page (a new tab) in an earlier page's browser context: same localStorage,
+    its own sessionStorage.
+    """
     contexts, page_errors = [], []
 
-    def open_(key: bool = True, models: list[str] | None = None):
-        context = browser.new_context()
-        contexts.append(context)
-        if key:
-            context.add_init_script(f"localStorage.setItem('corral.api_key', {json.dumps(KEY)})")
+    def with_csp(route):
+        response = route.fetch()
+        sent = response.headers.get("content-security-policy")
+        # Comma-separated policies are all enforced: the server's own (if any) and this one.
+        policy = f"{sent}, {CSP}" if sent else CSP
+        route.fulfill(response=response, headers={**response.headers, "content-security-policy": policy})
+
+    def on_console(message):
+        if message.type == "error" and "Content Security Policy" in message.text:
+            page_errors.append(message.text)
+
+    def open_(key: bool = True, models: list[str] | None = None, context=None, wait_models: bool | None = None):
+        if context is None:
+            context = browser.new_context()
+            contexts.append(context)
+            if key:
+                context.add_init_script(f"sessionStorage.setItem('corral.api_key', {json.dumps(KEY)})")
         page = context.new_page()
         page.set_default_timeout(WAIT_MS)
         page.on("pageerror", lambda e: page_errors.append(str(e)))
+        page.on("console", on_console)
+        page.route(server.url + "/", with_csp)
         if models is not None:  # pretend the server lists only these
             body = {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "corral"}
                                                for m in models]}  # fmt: skip
             page.route("**/v1/models", lambda route: route.fulfill(json=body))
         page.goto(server.url + "/")
-        if key:
+        if key if wait_models is None else wait_models:
             expect(page.locator("#model option")).to_have_count(len(models or ["tiny", "tuned"]), timeout=WAIT_MS)
         return page
 
     yield open_
     for context in contexts:
         context.close()
-    assert not page_errors, f"uncaught errors in the page: {page_errors}"
+    assert not page_errors, f"uncaught errors or CSP violations in the page: {page_errors}"
+
+
+def stored_key(page) -> dict:
+    return page.evaluate("""() => ({session: sessionStorage.getItem('corral.api_key'),
+                                    local: localStorage.getItem('corral.api_key')})""")
 
 
 def text_of(page, selector: str) -> str:
@@ -149,7 +179,7 @@ def test_chat_streams_the_servers_reply_and_keeps_history(open_page, server):
     history = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "And\nthen?"}]
     assert second == server_reply(server, history, **params)
 
-    # The key and settings live in localStorage; New chat clears the conversation.
+    # The key (sessionStorage) and settings (localStorage) survive a reload; New chat clears the conversation.
     page.reload()
     expect(page.locator("#model option")).to_have_count(2)
     assert page.input_value("#api-key") == KEY and page.input_value("#temperature") == "0"
@@ -160,6 +190,36 @@ def test_chat_streams_the_servers_reply_and_keeps_history(open_page, server):
     page.click("#new-chat")
     expect(page.locator(".msg")).to_have_count(0)
     expect(page.locator("#chat-empty")).to_be_visible()
+
+
+def test_api_key_is_kept_for_the_tab_unless_remembered(open_page):
+    page = open_page(key=False)
+    expect(page.locator("#settings")).to_be_visible()  # the 401 opened the settings at the key field
+    assert not page.is_checked("#remember-key")
+    page.fill("#api-key", KEY)
+    expect(page.locator("#model option")).to_have_text(["tiny", "tuned"])
+    assert stored_key(page) == {"session": KEY, "local": None}  # by default: this tab only
+    # A new tab of the same browser shares localStorage, not sessionStorage: it has no key.
+    other = open_page(context=page.context, wait_models=False)
+    expect(other.locator("#error")).to_contain_text("API key")
+    assert other.input_value("#api-key") == "" and not other.is_checked("#remember-key")
+    assert stored_key(other) == {"session": None, "local": None}
+    other.close()
+
+    page.check("#remember-key")  # the explicit choice: kept on this device
+    assert stored_key(page) == {"session": KEY, "local": KEY}
+    again = open_page(context=page.context)  # loads the models with the remembered key
+    assert again.input_value("#api-key") == KEY and again.is_checked("#remember-key")
+    again.close()
+
+    page.uncheck("#remember-key")  # forgets it on this device; this tab keeps it
+    assert stored_key(page) == {"session": KEY, "local": None}
+    page.reload()
+    expect(page.locator("#model option")).to_have_count(2)
+    assert page.input_value("#api-key") == KEY and not page.is_checked("#remember-key")
+    last = open_page(context=page.context, wait_models=False)
+    expect(last.locator("#error")).to_contain_text("API key")
+    assert last.input_value("#api-key") == "" and stored_key(last) == {"session": None, "local": None}
 
 
 def test_server_error_is_shown_and_the_turn_given_back(open_page):

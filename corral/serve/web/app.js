@@ -12,7 +12,7 @@
     modeChat: $("mode-chat"), modeArena: $("mode-arena"), chatView: $("chat-view"), arenaView: $("arena-view"),
     model: $("model"), settingsToggle: $("settings-toggle"), settings: $("settings"),
     system: $("system"), temperature: $("temperature"), topP: $("top-p"), maxTokens: $("max-tokens"),
-    repetitionPenalty: $("repetition-penalty"), apiKey: $("api-key"),
+    repetitionPenalty: $("repetition-penalty"), apiKey: $("api-key"), rememberKey: $("remember-key"),
     errorBar: $("error-bar"), error: $("error"), errorClose: $("error-close"),
     messages: $("messages"), chatEmpty: $("chat-empty"), composer: $("composer"), prompt: $("prompt"),
     send: $("send"), stop: $("stop"), newChat: $("new-chat"),
@@ -23,15 +23,31 @@
     arenaStatus: $("arena-status"),
   };
 
-  // ---------------------------------------------------------------- settings, kept in localStorage
+  // ---------------------------------------------------------------- settings, kept in this browser
+  // Sampling settings live in localStorage. The API key is a secret: by default it lives in sessionStorage
+  // (gone when the tab closes); only a ticked "Remember on this device" also writes it to localStorage, and
+  // unticking deletes it from there. A key found in localStorage on load was remembered, so the box shows ticked.
   const SETTINGS = {
     system: el.system, temperature: el.temperature, top_p: el.topP, max_tokens: el.maxTokens,
-    repetition_penalty: el.repetitionPenalty, api_key: el.apiKey,
+    repetition_penalty: el.repetitionPenalty,
   };
-  const store = {
-    get(key) { try { return localStorage.getItem("corral." + key); } catch { return null; } },
-    set(key, value) { try { localStorage.setItem("corral." + key, value); } catch { /* private mode */ } },
-  };
+  const KEY_NAME = "api_key";
+  // Storage can throw (disabled storage, a sandboxed frame): the page then just does not keep the value.
+  function storage(kind) {
+    return {
+      get(key) { try { return window[kind].getItem("corral." + key); } catch { return null; } },
+      set(key, value) { try { window[kind].setItem("corral." + key, value); } catch { /* not kept */ } },
+      remove(key) { try { window[kind].removeItem("corral." + key); } catch { /* nothing kept */ } },
+    };
+  }
+  const store = storage("localStorage");
+  const session = storage("sessionStorage");
+
+  function saveKey() {
+    const key = el.apiKey.value;
+    if (key) session.set(KEY_NAME, key); else session.remove(KEY_NAME);
+    if (el.rememberKey.checked && key) store.set(KEY_NAME, key); else store.remove(KEY_NAME);
+  }
 
   function loadSettings() {
     for (const [key, input] of Object.entries(SETTINGS)) {
@@ -39,6 +55,11 @@
       if (saved !== null) input.value = saved;
       input.addEventListener("input", () => store.set(key, input.value));
     }
+    const remembered = store.get(KEY_NAME);
+    el.rememberKey.checked = remembered !== null;
+    el.apiKey.value = session.get(KEY_NAME) ?? remembered ?? "";
+    el.apiKey.addEventListener("input", saveKey);
+    el.rememberKey.addEventListener("change", saveKey);
   }
 
   function number(input, label, { integer = false } = {}) {
