@@ -598,6 +598,10 @@ class JudgeGradeConfig(Section):
                               "(OpenAI allows up to 20).")
     constrained: bool = Field(False, description="Send a JSON schema for the verdict (response_format json_schema, "
                               "strict) and read the reply as JSON under it; needs an endpoint with structured outputs.")
+    constrained_reason_chars: int | None = Field(None, ge=1, description="constrained: cap the verdict's reason "
+                                                 "at this many characters (JSON schema maxLength; corral serve and "
+                                                 "vLLM take it, OpenAI's strict subset may not). A small local judge "
+                                                 "needs it: it can ramble into max_tokens before writing its verdict.")
 
 
 class JudgeReportConfig(Section):

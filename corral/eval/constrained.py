@@ -42,9 +42,13 @@ def _score_schema(scale: Scale) -> dict:
     return {"type": "integer", "enum": list(range(scale.low, scale.high + 1))}
 
 
-def verdict_schema(mode: str, scale: Scale = DEFAULT_SCALE) -> dict:
-    """The JSON schema of a verdict for `mode` (single / pairwise / relative)."""
+def verdict_schema(mode: str, scale: Scale = DEFAULT_SCALE, reason_chars: int | None = None) -> dict:
+    """The JSON schema of a verdict for `mode` (single / pairwise / relative). `reason_chars` caps the
+    reason's length (`maxLength`: outside the portable subset, but a small local judge that rambles
+    would otherwise run into max_tokens before its verdict)."""
     reason = {"type": ["string", "null"], "description": "One or two sentences on why."}
+    if reason_chars:
+        reason["maxLength"] = reason_chars
     if mode == "single":
         fields = {"reason": reason, "score": _score_schema(scale)}
     elif mode == "pairwise":
@@ -56,10 +60,10 @@ def verdict_schema(mode: str, scale: Scale = DEFAULT_SCALE) -> dict:
     return {"type": "object", "properties": fields, "required": list(fields), "additionalProperties": False}
 
 
-def response_format(mode: str, scale: Scale = DEFAULT_SCALE) -> dict:
+def response_format(mode: str, scale: Scale = DEFAULT_SCALE, reason_chars: int | None = None) -> dict:
     """The `response_format` request field (OpenAI's structured outputs, strict)."""
-    return {"type": "json_schema",
-            "json_schema": {"name": SCHEMA_NAMES[mode], "schema": verdict_schema(mode, scale), "strict": True}}  # fmt: skip
+    schema = verdict_schema(mode, scale, reason_chars)
+    return {"type": "json_schema", "json_schema": {"name": SCHEMA_NAMES[mode], "schema": schema, "strict": True}}
 
 
 def instruction(mode: str, scale: Scale = DEFAULT_SCALE) -> str:

@@ -194,12 +194,12 @@ def model_pairs(models: list[str], baseline: str | None) -> list[tuple[str, str]
 def build_tasks(mode: str, questions: list[Question], answers: dict[str, dict], models: list[str],
                 prompts: PromptSet, judge_model: str, baseline: str | None = None, swap: bool = True,
                 reference_categories=REFERENCE_CATEGORIES, constrained: bool = False, scoring: str = "parsed",
-                top_logprobs: int = 20) -> tuple[list[Task], int]:  # fmt: skip
+                top_logprobs: int = 20, reason_chars: int | None = None) -> tuple[list[Task], int]:  # fmt: skip
     """(tasks, missing): one task per question turn and model (single), or per turn, pair and order
     (pairwise, relative). `answers[model][question_id]` is an answer record; a question a model has
     not answered is counted in `missing` and not asked. Reference answers reach the judge only for
-    questions in `reference_categories`. `constrained`: the verdict is asked for as JSON under a schema;
-    `scoring="expected"`: `top_logprobs` alternatives per reply token are asked for too."""
+    questions in `reference_categories`. `constrained`: the verdict is asked for as JSON under a schema
+    (its reason capped at `reason_chars` when given); `scoring="expected"`: `top_logprobs` alternatives per reply token are asked for too."""
     if mode == "relative" and not baseline:
         raise ValueError("mode=relative needs `baseline` (the reference model the others are scored against)")
     if scoring not in SCORINGS:
@@ -209,7 +209,8 @@ def build_tasks(mode: str, questions: list[Question], answers: dict[str, dict], 
                          "(relative replies carry two scores)")  # fmt: skip
     if scoring == "expected" and not 1 <= top_logprobs <= 20:
         raise ValueError(f"top_logprobs={top_logprobs}: expected 1 to 20 (OpenAI's limit)")
-    options = {"constrained": constrained, "top_logprobs": top_logprobs if scoring == "expected" else 0}
+    options = {"constrained": constrained, "top_logprobs": top_logprobs if scoring == "expected" else 0,
+               "reason_chars": reason_chars}
     prompts.select(mode, 0, False)  # prompts without one for this mode fail before anything is asked
     tasks: list[Task] = []
     missing = 0
@@ -246,7 +247,8 @@ def _matchups(mode: str, models: list[str], baseline: str | None, swap: bool) ->
 
 
 def _task(prompts: PromptSet, mode: str, question: Question, turn: int, answers: list[list[str]], record: dict,
-          judge_model: str, reference_categories, constrained: bool = False, top_logprobs: int = 0) -> Task:
+          judge_model: str, reference_categories, constrained: bool = False, top_logprobs: int = 0,
+          reason_chars: int | None = None) -> Task:
     references = due_references(question, turn, reference_categories)
     prompt = prompts.select(mode, turn, references is not None)
     if prompt.output_format != MODE_FORMATS[mode]:
@@ -256,7 +258,7 @@ def _task(prompts: PromptSet, mode: str, question: Question, turn: int, answers:
     record = {**record, "prompt": prompt.name, "reference": references is not None}
     options, response_format = {}, None
     if constrained:  # the prompt asks for [[8]], which the schema rules out: say what to write instead
-        response_format = json_verdicts.response_format(mode, DEFAULT_SCALE)
+        response_format = json_verdicts.response_format(mode, DEFAULT_SCALE, reason_chars)
         messages[-1] = {**messages[-1], "content": messages[-1]["content"].rstrip() + "\n\n"
                         + json_verdicts.instruction(mode, DEFAULT_SCALE)}  # fmt: skip
         options["response_format"] = response_format

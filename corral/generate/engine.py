@@ -308,7 +308,8 @@ class TransformersEngine:
             top_lp, top_ids = raw.topk(k, dim=-1) if k else (raw[:, :0], raw[:, :0].long())
             chosen = raw[torch.arange(len(want)), torch.tensor([tokens[r] for r in want])].tolist()
             for i, r in enumerate(want):
-                top = tuple(zip(top_ids[i].tolist(), top_lp[i].tolist()))[: seqs[r].params.logprobs]
+                top = tuple((t, v) for t, v in zip(top_ids[i].tolist(), top_lp[i].tolist())
+                            if v != float("-inf"))[: seqs[r].params.logprobs]  # a masked-out token is no alternative
                 logprobs[r] = TokenLogprob(tokens[r], chosen[i], top)
         return tokens, logprobs
 

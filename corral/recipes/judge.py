@@ -105,7 +105,8 @@ def grade(cfg: JudgeGradeConfig):
     prompts = load_prompts(cfg.prompts or None)
     tasks, missing = build_tasks(cfg.mode, questions, answers, needed, prompts, cfg.judge_model, baseline=cfg.baseline,
                                  swap=cfg.swap, reference_categories=cfg.reference_categories,
-                                 constrained=cfg.constrained, scoring=cfg.scoring, top_logprobs=cfg.top_logprobs)  # fmt: skip
+                                 constrained=cfg.constrained, scoring=cfg.scoring, top_logprobs=cfg.top_logprobs,
+                                 reason_chars=cfg.constrained_reason_chars)  # fmt: skip
     judge = judge_client(cfg.judge_api, cfg.judge_model, cfg.judge_key_env, cfg.retries, cfg.timeout)
     params = SamplingParams(max_new_tokens=cfg.max_tokens, temperature=cfg.temperature)
     path = out / "judgments" / f"{cfg.mode}.jsonl"

@@ -51,6 +51,7 @@ def build_app(models: dict[str, ServedModel], api_key: str | None = None, votes_
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, server_error)
     app.include_router(router)
     if api_key is None:
         app.include_router(docs_router)
@@ -250,6 +251,11 @@ async def invalid_request(_: Request, err: RequestValidationError):
         return JSONResponse(APIError(400, f"the request body must be a JSON object: {first['msg']}").body(), 400)
     message = "unknown or unsupported parameter" if first["type"] == "extra_forbidden" else first["msg"]
     return JSONResponse(APIError(400, f"{param}: {message}", param).body(), 400)
+
+
+async def server_error(_: Request, err: Exception):
+    """A bug of ours still answers in OpenAI's shape (uvicorn logs the traceback)."""
+    return JSONResponse(APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error").body(), 500)
 
 
 async def http_error(_: Request, err: StarletteHTTPException):

@@ -301,10 +301,15 @@ def vocab_bytes(tokenizer) -> list[bytes]:
     return _VOCAB_BYTES[id(tokenizer)]
 
 
+def finite(logprob: float) -> float:
+    """JSON has no -inf: an impossible token's logprob is sent as -9999.0, as vLLM sends it."""
+    return max(logprob, -9999.0)
+
+
 def chat_logprobs(tokenizer, logprobs: list[TokenLogprob]) -> dict:
     def entry(token_id, logprob):
         text, raw = token_text(tokenizer, token_id)
-        return {"token": text, "logprob": logprob, "bytes": raw}
+        return {"token": text, "logprob": finite(logprob), "bytes": raw}
 
     return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
                         for lp in logprobs], "refusal": None}
@@ -317,8 +322,8 @@ def completion_logprobs(tokenizer, logprobs: list[TokenLogprob], offset: int) ->
     for text in tokens:
         offsets.append(offset)
         offset += len(text)
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [{token_text(tokenizer, t)[0]: v for t, v in lp.top} for lp in logprobs],
+    return {"tokens": tokens, "token_logprobs": [finite(lp.logprob) for lp in logprobs],
+            "top_logprobs": [{token_text(tokenizer, t)[0]: finite(v) for t, v in lp.top} for lp in logprobs],
             "text_offset": offsets}
 
 

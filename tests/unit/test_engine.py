@@ -388,3 +388,21 @@ def test_a_schema_xgrammar_cannot_compile_is_a_value_error_naming_response_forma
     engine = TransformersEngine(model, tiny_tokenizer)
     with pytest.raises(ValueError, match="^response_format: "):
         engine.submit(prompts[0], SamplingParams(response_format=ResponseFormat("json_schema", '{"type": "nonsense"}')))
+
+
+def test_logprobs_under_a_response_format_list_only_allowed_alternatives(model, tiny_tokenizer, prompts):
+    """With 3 allowed tokens, top_logprobs=5 gives at most 3 alternatives, none of them -inf (JSON has no -inf)."""
+    import math
+
+    from corral.generate.structured import ResponseFormat
+
+    engine = TransformersEngine(model, tiny_tokenizer)
+    schema = {"type": "object", "properties": {"v": {"enum": ["A", "B", "C"]}}, "required": ["v"],
+              "additionalProperties": False}
+    ((choice,),) = engine.generate(prompts[:1], SamplingParams(max_new_tokens=40, logprobs=5,
+                                                               response_format=ResponseFormat.json_schema(schema)))
+    assert choice.finish_reason == "stop" and choice.text in ('{"v": "A"}', '{"v": "B"}', '{"v": "C"}')
+    assert all(math.isfinite(v) for lp in choice.logprobs for _, v in lp.top)
+    assert min(len(lp.top) for lp in choice.logprobs) < 5  # some step allowed fewer than 5 tokens
+    assert all(math.isclose(sum(math.exp(v) for _, v in lp.top), 1, abs_tol=1e-4) for lp in choice.logprobs
+               if len(lp.top) < 5)  # the allowed tokens carry the whole (masked) distribution
