@@ -18,7 +18,7 @@ from corral.eval.judge import build_tasks, grade, load_prompts
 from corral.eval.question_set import Question
 from corral.eval.report import build_report
 from corral.generate.sampling import SamplingParams
-from corral.recipes.judge import api_backend
+from corral.recipes.judge import judge_client
 from tests.fake_openai import FakeOpenAI
 
 PROMPTS = Path(__file__).resolve().parents[1] / "fixtures" / "fastchat_judge_prompts.jsonl"
@@ -71,7 +71,7 @@ def graded(tmp_path_factory):
         prompts = load_prompts(PROMPTS)
         models = answered_models(out / "model_answer")
         answers = load_answers(out / "model_answer", models)
-        judge = api_backend(server.url, "judge-x", "NO_SUCH_KEY_VAR", retries=2, timeout=30)
+        judge = judge_client(server.url, "judge-x", "NO_SUCH_KEY_VAR", retries=2, timeout=30)
         tasks = {}
         for mode in ("single", "pairwise"):
             tasks[mode], missing = build_tasks(mode, QUESTIONS, answers, models, prompts, "judge-x")
