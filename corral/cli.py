@@ -24,6 +24,7 @@ from corral.config import (
     DataStatsConfig,
     DeltaApplyConfig,
     DeltaMakeConfig,
+    DistillConfig,
     DPOConfig,
     ExportGGUFConfig,
     InspectConfig,
@@ -103,6 +104,11 @@ COMMANDS: dict[str, Command] = {
     "pipeline": Command(
         PipelineConfig, "corral.recipes.pipeline:run",
         "SFT -> reward model -> PPO (or SFT -> DPO) from one config, stage by stage, resumable; one HTML report",
+    ),
+    "distill": Command(
+        DistillConfig, "corral.recipes.distill:run",
+        "adversarial distillation (Lion): a teacher endpoint answers, referees and writes harder instructions; resumable",
+        aliases={"--data": "data.path"},
     ),
     "serve": Command(
         ServeConfig, "corral.recipes.serve:run",

@@ -744,3 +744,115 @@ def save_config(cfg: BaseModel, output_dir: str | Path) -> Path:
 def shipped_config(name: str) -> Path:
     """Path of a YAML recipe shipped in corral/configs/."""
     return Path(__file__).parent / "configs" / name
+
+
+# ---------------------------------------------------------------------------------------------
+# `corral distill`: Lion's adversarial distillation (teacher, referee, generator over OpenAI-compatible endpoints)
+
+
+class DistillDataConfig(Section):
+    path: str = Field("builtin:distill_seeds", description="The seed instruction pool: Alpaca (instruction / input / "
+                      "output), self-instruct seed tasks, OpenAI messages or ShareGPT records (the first user turn is "
+                      "the instruction; replies in the file are not used). `builtin:distill_seeds`: Corral's 64.")
+    format: ConversationFormat = Field("auto", description="Record format; `auto` detects it per record.")
+    skip_invalid: bool = Field(False, description="Drop invalid records (counted and reported) instead of failing.")
+    train_size: int = Field(0, ge=0, description="Seed instructions in the first train pool, a seeded sample (0: all). "
+                            "The first cache pool is the same instructions, as in Lion.")
+    discriminate_size: int = Field(0, ge=0, description="Cache-pool instructions the referee scores each iteration, "
+                                   "a seeded sample (0: the whole cache pool, as in Lion).")
+    cache_max: int = Field(0, ge=0, description="Most instructions the cache pool keeps; past it the oldest leave "
+                           "(0: it keeps growing).")
+    seed: int = Field(0, description="Seed of the pool samples.")
+
+
+class DistillEndpointFields(Section):
+    """How one role reaches its OpenAI-compatible endpoint. The referee's and generator's empty `api`, `model`
+    and `api_key_env` mean the teacher's."""
+
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+    retries: int = Field(5, ge=0, description="Retries with backoff on 429 / 5xx / connection errors (the openai "
+                         "client's own, honouring Retry-After).")
+    timeout: float = Field(600.0, gt=0, description="Request timeout in seconds.")
+    seed: int | None = Field(0, description="Sampling seed sent with each request (null: none).")
+
+
+class TeacherConfig(DistillEndpointFields):
+    api: str = Field(..., description="The teacher's OpenAI-compatible base URL: a remote API, a vLLM server or "
+                     "`corral serve` (http://127.0.0.1:8000/v1).")
+    model: str = Field(..., description="The teacher's model name at that endpoint.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the endpoint's key.")
+    system: str | None = Field(None, description="System prompt sent with every instruction (to the teacher and, in "
+                               "training and answering, to the student).")
+    temperature: float = Field(0.7, ge=0, le=2, description="The teacher's sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class RefereeConfig(DistillEndpointFields):
+    api: str = Field("", description="The referee's base URL (empty: the teacher's).")
+    model: str = Field("", description="The referee's model name (empty: the teacher's).")
+    api_key_env: str = Field("", description="Environment variable with the referee's key (empty: the teacher's).")
+    temperature: float = Field(0.2, ge=0, le=2, description="Referee sampling temperature (Lion's 0.2); a retry "
+                               "after an unparseable reply is sent with the next seed.")
+    max_tokens: int = Field(512, ge=1, description="Most tokens of a referee reply.")
+    parse_retries: int = Field(2, ge=0, description="An unparseable reply is asked again this many times; then the "
+                               "instruction is counted as unparseable and left out of hard/easy, never scored.")
+    constrained: bool = Field(False, description="Send a JSON schema for the two scores (response_format "
+                              "json_schema, strict) and read the reply as JSON under it: OpenAI, vLLM, `corral serve`.")
+
+
+class GeneratorConfig(DistillEndpointFields):
+    api: str = Field("", description="The generator's base URL (empty: the teacher's).")
+    model: str = Field("", description="The generator's model name (empty: the teacher's).")
+    api_key_env: str = Field("", description="Environment variable with the generator's key (empty: the teacher's).")
+    temperature: float = Field(1.0, ge=0, le=2, description="Generator sampling temperature (Lion's 1.0).")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(0, ge=0, description="Most tokens of a new instruction; 0: four per word of the "
+                            "instruction it is made from, at least 16 (Lion's rule). A reply cut there is dropped.")
+    new_hard: int = Field(16, ge=0, description="New instructions to keep per iteration from hard ones (same domain "
+                          "and task type, similar length and difficulty). Lion: 3000.")
+    new_easy: int = Field(16, ge=0, description="New instructions to keep per iteration from easy ones (same domain, "
+                          "rarer and more diverse). Lion: 3000.")
+    max_rounds: int = Field(3, ge=1, description="Rounds of requests: each asks for what the filters left short of "
+                            "new_hard / new_easy; a shortfall after the last round is reported, not retried.")
+    similarity: float = Field(0.7, gt=0, le=1, description="Drop a new instruction whose ROUGE-L F-measure with a "
+                              "cache-pool instruction or an earlier kept one is above this (Lion: 0.7; 1: only exact "
+                              "duplicates).")
+    min_distinct_trigrams: float = Field(0.5, ge=0, le=1, description="Degenerate repetition: a candidate of 6 words "
+                                         "or more whose distinct word trigrams are fewer than this share of its "
+                                         "trigrams is dropped (0: off).")
+
+
+class StudentConfig(Section):
+    max_batch: int = Field(16, ge=1, description="Student answers decoded together (one continuous batch of the "
+                           "engine); each batch is appended to the answers file when done.")
+    temperature: float = Field(0.0, ge=0, le=2, description="Student sampling temperature (0: greedy).")
+    repetition_penalty: float = Field(1.1, gt=0, description="Small models loop without one.")
+
+
+class DistillConfig(Section):
+    model: str = Field(EMBEDDED_MODEL, description="The student: hub id, local HF folder, .gguf file or `smollm2-135m`. "
+                       "Each iteration's fine-tune starts from the previous iteration's weights.")
+    method: Literal["lora", "full"] = Field("lora", description="lora: a LoRA adapter per iteration, merged into the "
+                                            "weights it started from (iter-NN/student); full: every weight.")
+    template: TemplateName = "auto"
+    dtype: DType = "auto"
+    output_dir: str = Field("runs/distill", description="Pools, answers, referee scores, generated instructions and "
+                            "the student of each iteration (iter-NN/), report.json and report.html.")
+    iterations: int = Field(3, ge=1, description="Imitation -> discrimination -> generation rounds.")
+    max_tokens: int = Field(256, ge=1, description="Most tokens of a teacher answer and of a student answer.")
+    threshold: float = Field(1.0, ge=0, description="An instruction is hard when the referee's teacher score minus "
+                             "its student score is at least this (Lion's 1.0), else easy.")
+    max_teacher_calls: int = Field(0, ge=0, description="Budget: endpoint calls (teacher, referee and generator "
+                                   "together) after which the run stops cleanly (0: no cap). Counted over the whole "
+                                   "run folder, so a re-run with a larger cap continues where it stopped.")
+    max_teacher_tokens: int = Field(0, ge=0, description="Budget: prompt + completion tokens the endpoints report, "
+                                    "all roles together (0: no cap). Calls in flight when it is reached still finish.")
+    prompts: str = Field("", description="Referee and generator prompts: a YAML file with the keys of "
+                         "corral/distill/prompts/distill_prompts.yaml (the default).")
+    data: DistillDataConfig = DistillDataConfig()
+    teacher: TeacherConfig
+    referee: RefereeConfig = RefereeConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    student: StudentConfig = StudentConfig()
+    train: TrainConfig = TrainConfig(epochs=3.0)
+    lora: LoraConfig = LoraConfig()
