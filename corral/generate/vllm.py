@@ -12,11 +12,20 @@ vLLM is not a dependency (it brings its own CUDA torch); install it on GPU machi
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import uuid
 
 from corral.generate.sampling import SamplingParams, per_prompt
-from corral.generate.types import Completion, Stream, TokenEvent, check_adapter, pad_id_of
+from corral.generate.types import (
+    Completion,
+    EngineStats,
+    Stream,
+    TokenEvent,
+    TokenLogprob,
+    check_adapter,
+    pad_id_of,
+)
 
 
 def _require_vllm():
@@ -41,6 +50,11 @@ class VLLMEngine:
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = pad_id_of(self.tokenizer)
+        from transformers import AutoConfig
+
+        context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+        self.max_len = max_len or context or 4096  # vLLM's max_model_len: the model's own unless capped
+        self._in_flight = 0  # replies submitted and not finished (vLLM queues and schedules them itself)
         self._loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(adapters)}
         self._next_lora_id = len(adapters)
         args = vllm.AsyncEngineArgs(
@@ -60,6 +74,11 @@ class VLLMEngine:
     def adapters(self) -> list[str]:
         return list(self._loras)
 
+    def stats(self) -> EngineStats:
+        """Replies in flight. vLLM keeps its own waiting queue, so `waiting` is 0 here and the server's
+        max_queue does not bound it: vLLM's scheduler does."""
+        return EngineStats(running=self._in_flight, waiting=0)
+
     def load_adapter(self, name: str, path: str) -> None:
         """(Re)load the LoRA adapter saved at `path` as `name`. A fresh id makes vLLM read the new weights:
         this is how PPO syncs its actor into the rollout engine after each update."""
@@ -77,7 +96,7 @@ class VLLMEngine:
             repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty, stop=list(params.stop) or None,
             stop_token_ids=list(params.stop_token_ids) or None, max_tokens=params.max_new_tokens, seed=params.seed,
-            output_kind=RequestOutputKind.DELTA,
+            output_kind=RequestOutputKind.DELTA, logprobs=params.logprobs, **_structured(params.response_format),
         )  # fmt: skip
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
@@ -91,6 +110,7 @@ class VLLMEngine:
 
         async def run():
             finished: set[int] = set()
+            self._in_flight += params.n
             try:
                 async for output in self._engine.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)),
                                                           self._vllm_params(params), request_id, lora_request=lora):
@@ -102,8 +122,9 @@ class VLLMEngine:
                         for k, token in enumerate(tokens):
                             last = k == len(tokens) - 1
                             reason = choice.finish_reason if last and choice.finish_reason else None
+                            logprob = _logprob(choice.logprobs, k, token, params.logprobs)
                             stream._push(TokenEvent(choice.index, choice.text if last else "", token_id=token,
-                                                    finish_reason=reason))
+                                                    finish_reason=reason, logprob=logprob))
                         if choice.finish_reason and choice.index not in finished:
                             finished.add(choice.index)
                             if not tokens:
@@ -115,6 +136,8 @@ class VLLMEngine:
                     finished.add(index)
                     stream._finish_one()
                 return
+            finally:
+                self._in_flight -= params.n
             for index in set(range(params.n)) - finished:  # aborted
                 stream._push(TokenEvent(index, "", finish_reason="cancelled"))
                 stream._finish_one()
@@ -130,3 +153,29 @@ class VLLMEngine:
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=30)
+
+
+def _structured(fmt) -> dict:
+    """A response format as vLLM's structured-output parameters (its xgrammar backend, as ours):
+    `structured_outputs` in current vLLM, `guided_decoding` in older releases."""
+    if fmt is None:
+        return {}
+    schema = {"type": "object"} if fmt.kind == "json_object" else json.loads(fmt.schema)
+    try:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        return {"structured_outputs": StructuredOutputsParams(json=schema)}
+    except ImportError:
+        from vllm.sampling_params import GuidedDecodingParams
+
+        return {"guided_decoding": GuidedDecodingParams(json=schema)}
+
+
+def _logprob(logprobs, k: int, token: int, top: int | None) -> TokenLogprob | None:
+    """Our TokenLogprob from vLLM's per-token {token id: Logprob} (the sampled token plus the top ones)."""
+    if top is None or not logprobs or k >= len(logprobs) or token not in logprobs[k]:
+        return None
+    entries = logprobs[k]
+    ranked = sorted(((i, e.logprob) for i, e in entries.items() if e.rank is not None and e.rank <= top),
+                    key=lambda pair: -pair[1])
+    return TokenLogprob(token, entries[token].logprob, tuple(ranked[:top]))

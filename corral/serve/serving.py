@@ -193,8 +193,8 @@ def sampling(limits: Limits, req: ChatRequest | CompletionRequest, prompt_tokens
     asked, param = req.asked_max_tokens, req.max_tokens_param
     room = context - prompt_tokens
     if room <= 0:
-        field = "messages" if isinstance(req, ChatRequest) else "prompt"
-        raise APIError(400, f"{field}: {prompt_tokens} tokens, the model's context is {context}", param=field)
+        where = "messages" if isinstance(req, ChatRequest) else "prompt"
+        raise APIError(400, f"{where}: {prompt_tokens} tokens, the model's context is {context}", param=where)
     if asked is None:
         max_tokens = min(limits.default_max_tokens, room, limits.max_tokens or room)
     elif limits.max_tokens is not None and asked > limits.max_tokens:

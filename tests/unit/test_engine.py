@@ -406,3 +406,17 @@ def test_logprobs_under_a_response_format_list_only_allowed_alternatives(model, 
     assert min(len(lp.top) for lp in choice.logprobs) < 5  # some step allowed fewer than 5 tokens
     assert all(math.isclose(sum(math.exp(v) for _, v in lp.top), 1, abs_tol=1e-4) for lp in choice.logprobs
                if len(lp.top) < 5)  # the allowed tokens carry the whole (masked) distribution
+
+
+def test_vllm_logprob_entries_become_ours_ranked_and_cut_at_top():
+    """vLLM gives per token {id: Logprob(logprob, rank)}: the sampled token plus the top ones (the sampled
+    one may rank below them). Plain Python: runs without vLLM."""
+    from types import SimpleNamespace as Logprob
+
+    from corral.generate.types import TokenLogprob
+    from corral.generate.vllm import _logprob
+
+    step = {7: Logprob(logprob=-3.0, rank=4), 1: Logprob(logprob=-0.5, rank=1), 2: Logprob(logprob=-1.5, rank=2)}
+    assert _logprob([step], 0, 7, 2) == TokenLogprob(7, -3.0, ((1, -0.5), (2, -1.5)))
+    assert _logprob([step], 0, 7, 0) == TokenLogprob(7, -3.0, ())
+    assert _logprob([step], 0, 7, None) is None and _logprob(None, 0, 7, 2) is None
