@@ -1,25 +1,34 @@
 """Benchmark: `corral data clean` on a generated raw ShareGPT-style file, step by step, against FastChat's
-`clean_sharegpt` on the same records.
+`clean_sharegpt` (and `clean_sharegpt` + `split_long_conversation`) on the same records.
 
-    python bench/data.py --conversations 8000
+    python bench/data.py                      # 8,000 records: bench/results/data.json
+    python bench/data.py --records 100000     # bench/results/data-100000.json
 
 The raw file is made here from a seed (no data set is downloaded): replies as the HTML the ChatGPT page
 showed (paragraphs, lists, headings, code blocks with their "Copy code" header, "1 / 1" regeneration
 counters), and the faults of real dumps: exact and near-duplicates, conversations re-shared under a new
 id, long chats (40-80 turns), a leading reply, consecutive user turns, a trailing user turn, error
 replies, unknown roles, mojibake, a few French and Spanish chats. Rows, each in its own fresh child
-process, one after the other (peak RSS from os.wait4):
+process, one after the other (peak RSS from os.wait4); N is the number of CPU cores:
 
   corral data clean            every default step, language.keep=[en,unknown], split at 2048 tokens
-                               (SmolLM2's tokenizer, chatml), one process
-  corral data clean, 2 workers the same with workers=2
-  corral html step only        only the HTML step and the role repair it cannot do without
+                               (SmolLM2's tokenizer, chatml), one process (workers=1)
+  corral data clean, N workers the same with workers=N (the default: one per core)
+  corral html step only        only the HTML step and the role repair it cannot do without, one process
+  corral html step only, N workers
   fastchat clean_sharegpt      fastchat.data.clean_sharegpt.main (fschat installed with --no-deps): HTML to
                                Markdown on every message, role and length checks, its two blocked words,
                                exact duplicates by id and first exchange; a process pool over all cores
+  fastchat clean + split       the same, then fastchat.data.split_long_conversation's split_all at 2048
+                               tokens (SmolLM2's tokenizer; a process pool) and its role filter, as its main()
+                               does: what FastChat needs for the output `corral data clean` writes
 
-Per-step rows give conversations per second of each step of the first row, from its report (time in
-that step alone). Writes bench/results/data.json atomically; `--out` elsewhere.
+Each row's time is the whole command: reading, every step, writing, and loading the tokenizer where it
+needs one. With --repeat N the rows run N times, in rounds, and each row reports its median run (and
+every run's rate): on a shared machine, load from elsewhere then falls on every row alike. Per-step rows
+give conversations per second of each step of the first row, from its report (time in that step alone).
+Writes bench/results/data.json (data-RECORDS.json for another --records) atomically; `--out` elsewhere.
+The results record the CPU model and its flags.
 """
 
 from __future__ import annotations
@@ -27,8 +36,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import random
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,12 +53,16 @@ from bench.common import machine_info, results_path, run_row_child, versions, wr
 MODEL = "smollm2-135m"
 TEMPLATE = "chatml"
 SPLIT_MAX_LEN = 2048
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 ROWS = {
     "corral": "corral data clean",
-    "corral-workers": "corral data clean, 2 workers",
+    "corral-workers": f"corral data clean, {CORES} workers",
     "corral-html": "corral html step only",
+    "corral-html-workers": f"corral html step only, {CORES} workers",
     "fastchat": "fastchat clean_sharegpt",
+    "fastchat-split": "fastchat clean + split",
 }
+DEFAULT_RECORDS = 8000
 WORDS = ("the a of to and in is it you that for on with as this be are can not or your have will an by at from "
          "use function data value file model system time first new example code list number string error return "
          "python class method user server request result table query test change version memory thread loop "
@@ -72,11 +87,15 @@ def row_keys(text: str) -> list[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--conversations", type=int, default=8000, help="raw records to generate (default 8000)")
+    p.add_argument("--records", "--conversations", dest="records", type=int, default=DEFAULT_RECORDS,
+                   help=f"raw records to generate (default {DEFAULT_RECORDS})")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat", type=int, default=1, help="run every row this many times, in rounds, and report "
+                   "each row's median run (default 1)")
     p.add_argument("--rows", default=",".join(ROWS), type=row_keys, help="rows to run (default all)")
     p.add_argument("--out", default=None)
     p.add_argument("--raw", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--make-raw", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-result", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -183,37 +202,76 @@ def run_corral(raw: Path, workdir: Path, extra: list[str]) -> dict:
                       if s["enabled"] and s["seen"]}}  # fmt: skip
 
 
-def run_fastchat(raw_json: Path, workdir: Path) -> dict:
+def run_fastchat(raw_json: Path, workdir: Path, split: bool = False) -> dict:
     import fastchat.data.clean_sharegpt as fastchat_clean
 
     out = workdir / "fastchat.json"
-    records = len(json.loads(raw_json.read_text()))
+    records = int(json.loads(raw_json.with_suffix(".stats").read_text())["records"])  # not by loading 0.5 GB here
     started = time.perf_counter()
     fastchat_clean.main({"in_file": str(raw_json), "out_file": str(out), "begin": None, "end": None})
+    if split:  # split_long_conversation's main(), with the tokenizer corral's rows use
+        import fastchat.data.split_long_conversation as fastchat_split
+        import transformers
+
+        from corral.models.load import resolve_model
+
+        content = json.load(open(out))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            resolve_model(MODEL).path, model_max_length=SPLIT_MAX_LEN, padding_side="right", use_fast=False)
+        pieces = fastchat_split.split_all(content, None, None, tokenizer, SPLIT_MAX_LEN)
+        pieces = fastchat_split.filter_invalid_roles(pieces)
+        out = workdir / "fastchat_split.json"
+        json.dump(pieces, open(out, "w"), indent=2, ensure_ascii=False)
     wall = time.perf_counter() - started
-    kept = len(json.loads(out.read_text()))
-    return {"conversations_per_s": records / wall, "wall_s": wall, "records": records, "kept": kept,
-            "rejected": records - kept}  # fmt: skip
+    row = {"conversations_per_s": records / wall, "wall_s": wall, "records": records}
+    with open(out) as f:  # json.dump(indent=2) starts each record of the list on a line of its own with "  {"
+        written = sum(line.startswith("  {") for line in f)
+    return row | ({"written": written} if split else {"kept": written, "rejected": records - written})
 
 
 CORRAL_ARGS = {
     "corral": ["language.keep=[en,unknown]", f"split_max_len={SPLIT_MAX_LEN}", f"model={MODEL}",
-               f"template={TEMPLATE}"],
+               f"template={TEMPLATE}", "workers=1"],
     "corral-html": ["text.unicode=false", "text.whitespace=false", "filters.error_replies=[]",
                     "filters.min_reply_chars=0", "filters.wrong_list_numbering=false", "dedup.by_id=false",
-                    "dedup.by_first_exchange=false", "dedup.near.enabled=false"],
+                    "dedup.by_first_exchange=false", "dedup.near.enabled=false", "workers=1"],
 }  # fmt: skip
-CORRAL_ARGS["corral-workers"] = CORRAL_ARGS["corral"] + ["workers=2"]
+CORRAL_ARGS["corral-workers"] = CORRAL_ARGS["corral"][:-1] + [f"workers={CORES}"]
+CORRAL_ARGS["corral-html-workers"] = CORRAL_ARGS["corral-html"][:-1] + [f"workers={CORES}"]
+
+
+def cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def child_main(args) -> None:
     raw = Path(args.raw)
     with tempfile.TemporaryDirectory(prefix=f"bench-data-{args.child}-") as workdir:
-        if args.child == "fastchat":
-            row = run_fastchat(raw.with_suffix(".json"), Path(workdir))
+        if args.child in ("fastchat", "fastchat-split"):
+            row = run_fastchat(raw.with_suffix(".json"), Path(workdir), split=args.child == "fastchat-split")
         else:
             row = run_corral(raw, Path(workdir), CORRAL_ARGS[args.child])
     write_child_row(row, args.child_result)
+
+
+def write_raw(raw: Path, records: int, seed: int) -> None:
+    """RAW (JSONL, corral's input), RAW with .json (the same records in a JSON list, FastChat's) and RAW with
+    .stats (turns and size)."""
+    made = make_raw(records, seed)
+    with open(raw, "w") as f:
+        for record in made:
+            f.write(json.dumps(record) + "\n")
+    with open(raw.with_suffix(".json"), "w") as f:
+        json.dump(made, f)
+    stats = {"records": len(made), "turns": sum(len(r["conversations"]) for r in made),
+             "raw_mb": raw.stat().st_size / 2**20}
+    raw.with_suffix(".stats").write_text(json.dumps(stats))
 
 
 def main(argv=None) -> int:
@@ -222,54 +280,68 @@ def main(argv=None) -> int:
     if args.child:
         child_main(args)
         return 0
-    rows, steps = {}, {}
+    if args.make_raw:
+        write_raw(Path(args.make_raw), args.records, args.seed)
+        return 0
+    runs: dict[str, list[dict]] = {key: [] for key in args.rows}
     with tempfile.TemporaryDirectory(prefix="bench-data-") as workdir:
         raw = Path(workdir) / "raw.jsonl"
-        records = make_raw(args.conversations, args.seed)
-        raw.write_text("".join(json.dumps(r) + "\n" for r in records))
-        raw.with_suffix(".json").write_text(json.dumps(records))  # FastChat reads a JSON list
-        size_mb = raw.stat().st_size / 2**20
-        turns = sum(len(r["conversations"]) for r in records)
-        print(f"raw file: {len(records)} conversations, {turns} turns, {size_mb:.1f} MB", flush=True)
-        del records
-        for key in args.rows:
-            print(f"running {ROWS[key]} ...", flush=True)
-            row = run_row_child(Path(__file__), key, ROWS[key], [*argv, "--raw", str(raw)], Path(workdir))
-            print(f"  {row['conversations_per_s']:.0f} conversations/s, {row['wall_s']:.1f} s, "
-                  f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
-            if key == "corral":
-                steps = row.pop("steps")
-            else:
-                row.pop("steps", None)
-            rows[ROWS[key]] = row
+        # Made in a child: a row's child starts as a fork of this process, and its peak RSS would count this
+        # process's memory if the records had ever been held here.
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--make-raw", str(raw), "--records",
+                        str(args.records), "--seed", str(args.seed)], check=True)  # fmt: skip
+        made = json.loads(raw.with_suffix(".stats").read_text())
+        size_mb, turns = made["raw_mb"], made["turns"]
+        print(f"raw file: {args.records} conversations, {turns} turns, {size_mb:.1f} MB", flush=True)
+        for round_ in range(args.repeat):  # rounds, not row after row: load from elsewhere hits every row alike
+            for key in args.rows:
+                print(f"running {ROWS[key]} ({round_ + 1}/{args.repeat}) ...", flush=True)
+                row = run_row_child(Path(__file__), key, ROWS[key], [*argv, "--raw", str(raw)], Path(workdir))
+                print(f"  {row['conversations_per_s']:.0f} conversations/s, {row['wall_s']:.1f} s, "
+                      f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
+                runs[key].append(row)
+    rows, steps = {}, {}
+    for key, key_runs in runs.items():
+        row = sorted(key_runs, key=lambda r: r["conversations_per_s"])[(len(key_runs) - 1) // 2]  # the median run
+        if key == "corral":
+            steps = row.pop("steps")
+        row.pop("steps", None)
+        if len(key_runs) > 1:
+            row["runs_conversations_per_s"] = [round(r["conversations_per_s"], 1) for r in key_runs]
+        rows[ROWS[key]] = row
     step_rows = [{"name": f"corral step: {name}", "conversations_per_s": s["seen"] / s["seconds"],
                   "step_s": s["seconds"], "records": s["seen"]} for name, s in steps.items() if s["seconds"] > 0]
     ratios = {}
-    if ROWS["fastchat"] in rows:
-        fastchat = rows[ROWS["fastchat"]]["conversations_per_s"]
-        for key in ("corral", "corral-workers", "corral-html"):
-            if ROWS[key] in rows:
-                ratios[f"{ROWS[key]} / fastchat conversations_per_s"] = round(
-                    rows[ROWS[key]]["conversations_per_s"] / fastchat, 3)
-    machine = machine_info()
+    for corral_key, fastchat_key in (("corral-workers", "fastchat-split"), ("corral", "fastchat-split"),
+                                     ("corral-workers", "fastchat"), ("corral", "fastchat"),
+                                     ("corral-html-workers", "fastchat"), ("corral-html", "fastchat")):
+        if ROWS[corral_key] in rows and ROWS[fastchat_key] in rows:
+            ratios[f"{ROWS[corral_key]} / {ROWS[fastchat_key]} conversations_per_s"] = round(
+                rows[ROWS[corral_key]]["conversations_per_s"] / rows[ROWS[fastchat_key]]["conversations_per_s"], 3)
+    machine = machine_info() | {"cpu_flags": cpu_flags()}
     results = {
         "command": " ".join(["python bench/data.py", *map(shlex.quote, argv)]),
         "date": datetime.date.today().isoformat(), "machine": machine,
         "versions": versions(("corral", "fschat", "markdownify", "beautifulsoup4", "ftfy", "datasketch", "py3langid",
                               "transformers")),
-        "setup": {"conversations": args.conversations, "turns": turns, "raw_mb": round(size_mb, 1), "seed": args.seed,
+        "setup": {"conversations": args.records, "turns": turns, "raw_mb": round(size_mb, 1), "seed": args.seed,
                   "notes": "a generated raw ShareGPT-style file (ChatGPT-page HTML replies, 3% repeated records, 3% "
                            "re-shared under a new id, 3% near-duplicates, 5% chats of 40-80 turns, role faults, error "
                            "replies, mojibake, 4% French or Spanish); corral reads it as JSONL, FastChat as the same "
-                           "records in a JSON list. The corral rows run every step they name; FastChat's "
-                           "clean_sharegpt does HTML to Markdown on every message, its role and length checks, two "
-                           "blocked words and exact duplicates, in a process pool over all cores, and writes indented "
-                           f"JSON. Split: {MODEL}'s tokenizer, {TEMPLATE}, {SPLIT_MAX_LEN} tokens. Per-step rows: time "
-                           "inside each step of the first row, from its report. Each row in its own process."},
+                           "records in a JSON list. The corral rows run every step they name (the full rows also "
+                           "language detection and near-duplicates, which FastChat's two scripts do not do); "
+                           "FastChat's clean_sharegpt does HTML to Markdown on every message, its role and length "
+                           "checks, two blocked words and exact duplicates, in a process pool over all cores, and "
+                           "writes indented JSON; its split_long_conversation then tokenizes every message (it asks "
+                           "for the slow tokenizer; transformers 5 gives the fast one) in a process pool. Split: "
+                           f"{MODEL}'s tokenizer, {TEMPLATE}, {SPLIT_MAX_LEN} tokens. Per-step rows: time inside each "
+                           "step of the first row (its median run), from its report. Each row in its own process, one "
+                           "at a time; with --repeat, in rounds, each row's median run."},
         "rows": list(rows.values()) + step_rows,
         "ratios": ratios,
     }  # fmt: skip
-    out = write_results(results_path("data", machine["gpu"], args.out), results)
+    area = "data" if args.records == DEFAULT_RECORDS else f"data-{args.records}"
+    out = write_results(results_path(area, machine["gpu"], args.out), results)
     print(json.dumps(ratios, indent=2))
     print(f"wrote {out}")
     return 0

@@ -86,10 +86,43 @@ class MixtureFields(Section):
                                   "SmolLM...'; the run says so when a template does). false: such records get an empty "
                                   "system message instead, so no text the data does not have is added (a template that "
                                   "renders system turns still writes an empty one).")
+    hub_split: str = Field("", description="The split of a Hub data set (`path=org/name`) to read; empty: `train`. "
+                           "datasets' slices work (`train[:1000]`). (`split` is the stage split.)")
+    subset: str = Field("", description="The subset (configuration name) of a Hub data set.")
+    revision: str = Field("", description="The revision of a Hub data set: a branch, tag or commit.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hub_options_into_path(cls, data: Any) -> Any:
+        """`hub_split`, `subset` and `revision` travel with the path (`org/name?subset=..&split=..&revision=..`),
+        so every reader of `path`, whichever recipe calls it, loads the same data set. A mixture source gives
+        them in its own path."""
+        if not isinstance(data, dict):
+            return data
+        keys = {"subset": "subset", "hub_split": "split", "revision": "revision"}  # config key -> path option
+        given = {key: data[name] for name, key in keys.items() if data.get(name)}
+        if not given:
+            return data
+        from corral.data.formats import DataError, HubDataset, parse_hub_id
+
+        path = str(data.get("path") or "")
+        names = ", ".join(name for name in keys if data.get(name))
+        try:
+            hub = parse_hub_id(path)
+        except DataError as e:
+            raise ValueError(str(e)) from None
+        if hub is None:
+            raise ValueError(f"{names}: for a data set on the Hub, path=org/name (path is {path!r})")
+        for key, value in given.items():
+            if getattr(hub, key) and getattr(hub, key) != value:
+                raise ValueError(f"path {path!r} gives {key}={getattr(hub, key)}, the config {value}")
+        hub = HubDataset(hub.repo, **{key: given.get(key) or getattr(hub, key) for key in ("subset", "split", "revision")})
+        return {**data, "path": ("hf://datasets/" if path.startswith("hf://") else "") + str(hub)}
 
 
 class DataConfig(MixtureFields):
-    path: str = Field("", description="Conversation data: .json, .jsonl, .parquet file or a local `datasets` folder.")
+    path: str = Field("", description="Conversation data: .json, .jsonl, .parquet file, a local `datasets` folder, "
+                      "or a data set on the Hugging Face Hub, `org/name` (with hub_split, subset, revision).")
     format: ConversationFormat = Field(
         "auto", description="Record format; `auto` detects it per record from the fields present."
     )
@@ -336,7 +369,8 @@ class DataCleanConfig(Section):
                                  "hash of their first exchange) in `test_output` instead.")
     test_output: str = Field("", description="The test conversations (default: OUT with .test.jsonl).")
     seed: int = Field(1234, description="Seed of the train / test split.")
-    workers: int = Field(1, ge=1, description="Processes for the record-local steps (read to language).")
+    workers: int = Field(0, ge=0, description="Processes for the record-local steps (read to language) and the "
+                         "split; 0: one per CPU core. The output is the same for any number.")
     chunk_size: int = Field(1000, ge=1, description="Records per chunk streamed through the record-local steps.")
 
 

@@ -162,21 +162,27 @@ class _Renderer:
         return self._encode(self.segments(conv, add_generation_prompt=False))
 
     def _encode(self, segments: list[Segment]) -> tuple[list[int], list[int]]:
-        merged: list[Segment] = []
-        for text, trained in segments:
-            if not text:
-                continue
-            if merged and merged[-1][1] == trained:
-                merged[-1] = (merged[-1][0] + text, trained)
-            else:
-                merged.append((text, trained))
         ids: list[int] = []
         labels: list[int] = []
-        for text, trained in merged:
+        for text, trained in merge_segments(segments):
             piece = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             ids += piece
             labels += piece if trained else [IGNORE_INDEX] * len(piece)
         return ids, labels
+
+
+def merge_segments(segments: list[Segment]) -> list[Segment]:
+    """The units a rendering tokenizes one by one: adjacent segments with the same trained flag joined, empty
+    ones left out. A rendering's ids are its units' ids in order (data/clean.py counts lengths that way)."""
+    merged: list[Segment] = []
+    for text, trained in segments:
+        if not text:
+            continue
+        if merged and merged[-1][1] == trained:
+            merged[-1] = (merged[-1][0] + text, trained)
+        else:
+            merged.append((text, trained))
+    return merged
 
 
 def _fill(fmt: str, content: str) -> str:
@@ -297,6 +303,15 @@ class TokenizerFormat(_Renderer):
     `messages[:i+1]` holds the reply; the reply plus the special token right after it (the
     end-of-turn) is trained, the rest is template text. A template whose renderings are not
     prefixes of each other cannot be trained on safely and is refused with a clear error.
+
+    Rendering every prefix costs the square of the conversation's length. Most templates render each
+    message on its own (its role's header, the content as it is, a footer; the first message may carry a
+    default system prompt), and then every prefix's rendering is a sum of per-message blocks: `_turn_model`
+    learns those blocks once, from the template's renderings of every prefix of two marker conversations
+    (with and without a system message), and a conversation is rendered once, its real rendering checked
+    against the blocks' sum; the segments are then what the prefix renderings would give. A template that
+    does anything else (drops or rewrites earlier turns, depends on the content, trims it, ...) fails the
+    learning or the check, and its conversations take the prefix renderings as before.
     """
 
     name = "auto"
@@ -312,6 +327,7 @@ class TokenizerFormat(_Renderer):
         specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
         specials |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
         self._special_tokens = sorted((s for s in specials if s), key=len, reverse=True)
+        self._turn_model = self._learn_turn_model()
         probe = Conversation.from_pairs(("user", "Hi"), ("assistant", "Hello"))
         end = [text for text, trained in self.segments(probe, False) if trained][0][len("Hello") :]
         self.stop_strings = [end] if end else []
@@ -327,9 +343,72 @@ class TokenizerFormat(_Renderer):
             add_generation_prompt=add_generation_prompt,
         )
 
+    def _learn_turn_model(self) -> dict | None:
+        """Per-message blocks (role, header, footer) and the generation prompt, for conversations with and
+        without a system message, or None when the template's renderings are not such sums."""
+        model = {}
+        for has_system in (False, True):
+            roles = (["system"] if has_system else []) + ["user", "assistant"] * 3
+            markers = [f"\u2063corral-probe-{k}\u2063" for k in range(len(roles))]
+            messages = [Message(role, marker) for role, marker in zip(roles, markers)]  # type: ignore[arg-type]
+            blocks, previous, generation = [], "", None
+            for k in range(1, len(messages) + 1):
+                try:
+                    plain, prompt = self._apply(messages[:k], False), self._apply(messages[:k], True)
+                except Exception:  # a template that refuses a probe (roles it does not know): prefix renderings
+                    return None
+                if not plain.startswith(previous) or not prompt.startswith(plain):
+                    return None
+                if generation is None:
+                    generation = prompt[len(plain) :]
+                block = plain[len(previous) :]
+                if prompt[len(plain) :] != generation or any(
+                        block.count(m) != (m == markers[k - 1]) for m in markers):  # fmt: skip
+                    return None
+                header, footer = block.split(markers[k - 1])
+                blocks.append((roles[k - 1], header, footer))
+                previous = plain
+            steady = 2 + has_system  # from the second user turn on, every exchange renders alike
+            if blocks[steady : steady + 2] != blocks[steady + 2 : steady + 4]:
+                return None
+            model[has_system] = {"blocks": blocks, "steady": steady, "generation": generation}
+        return model
+
+    def _blocks(self, messages: list[Message]) -> tuple[list[str], str] | None:
+        """Each message's block by the turn model, and the generation prompt; None where it has none."""
+        family = self._turn_model[messages[0].role == "system"]
+        blocks, known, steady = [], family["blocks"], family["steady"]
+        for j, message in enumerate(messages):
+            k = j if j < len(known) else steady + (j - steady) % 2
+            role, header, footer = known[k]
+            if role != message.role:
+                return None
+            blocks.append(header + message.content + footer)
+        return blocks, family["generation"]
+
+    def _reply_segments(self, where: str, i: int, head: str, added: str, content: str) -> list[Segment]:
+        """The segments of assistant reply i: `head` (template text since the last reply), then within
+        `added` (the text the reply's turn adds) the reply and the end-of-turn token after it, trained."""
+        at = added.find(content) if content else -1
+        if at < 0 and content.strip():
+            content = content.strip()
+            at = added.find(content)
+        if not content:  # an empty reply (a model that ended its turn at once) sits before the end token
+            ends = [added.find(tok) for tok in self._special_tokens if tok and tok in added]
+            at = min(ends) if ends else len(added.rstrip())
+        if at < 0:
+            raise TemplateError(f"{where}the chat_template does not reproduce assistant reply {i} verbatim")
+        rest = added[at + len(content) :]
+        end = next((tok for tok in self._special_tokens if rest.startswith(tok)), "")
+        return [(head + added[:at], False), (content + end, True), (rest[len(end) :], False)]
+
     def segments(self, conv: Conversation, add_generation_prompt: bool) -> list[Segment]:
         where = f"{conv.source}: " if conv.source else ""
         messages = conv.messages
+        if self._turn_model is not None and messages:
+            found = self._segments_by_blocks(where, messages, add_generation_prompt)
+            if found is not None:
+                return found
         segs: list[Segment] = []
         done = ""  # text already segmented
         for i, message in enumerate(messages):
@@ -342,29 +421,38 @@ class TokenizerFormat(_Renderer):
                     f"{where}the tokenizer's chat_template renders turn {i} differently once later turns are "
                     "added (not a prefix), so labels cannot be placed safely; choose a registered template"
                 )
-            added = full[len(prompt) :]
-            content = message.content
-            at = added.find(content) if content else -1
-            if at < 0 and content.strip():
-                content = content.strip()
-                at = added.find(content)
-            if not content:  # an empty reply (a model that ended its turn at once) sits before the end token
-                ends = [added.find(tok) for tok in self._special_tokens if tok and tok in added]
-                at = min(ends) if ends else len(added.rstrip())
-            if at < 0:
-                raise TemplateError(f"{where}the chat_template does not reproduce assistant reply {i} verbatim")
-            rest = added[at + len(content) :]
-            end = next((tok for tok in self._special_tokens if rest.startswith(tok)), "")
-            segs += [
-                (prompt[len(done) :] + added[:at], False),
-                (content + end, True),
-                (rest[len(end) :], False),
-            ]
+            segs += self._reply_segments(where, i, prompt[len(done) :], full[len(prompt) :], message.content)
             done = full
         final = self._apply(messages, add_generation_prompt=add_generation_prompt)
         if not final.startswith(done):
             raise TemplateError(f"{where}the tokenizer's chat_template is not prefix-consistent")
         segs.append((final[len(done) :], False))
+        return segs
+
+    def _segments_by_blocks(self, where: str, messages: list[Message], add_generation_prompt: bool):
+        """`segments` from one rendering: the prefix renderings are sums of the turn model's blocks (prompt i:
+        blocks before i and the generation prompt; full i: blocks up to i). None (take the prefix renderings)
+        when the conversation's real rendering is not the blocks' sum, or a reply's block does not start
+        with the generation prompt (the prefix renderings then say what is wrong)."""
+        found = self._blocks(messages)
+        if found is None:
+            return None
+        blocks, generation = found
+        joined = "".join(blocks)
+        if self._apply(messages, add_generation_prompt) != joined + (generation if add_generation_prompt else ""):
+            return None
+        segs: list[Segment] = []
+        done = start = 0  # offsets into `joined`: the end of the text segmented, the start of block i
+        for i, message in enumerate(messages):
+            block = blocks[i]
+            if message.role == "assistant":
+                if not block.startswith(generation):
+                    return None
+                segs += self._reply_segments(where, i, joined[done:start] + generation, block[len(generation) :],
+                                             message.content)  # fmt: skip
+                done = start + len(block)
+            start += len(block)
+        segs.append((joined[done:] + (generation if add_generation_prompt else ""), False))
         return segs
 
 

@@ -11,7 +11,12 @@ quadratic in the number of turns. Instead the full conversation's rendering, whi
 know it is too long, tells roughly where each reply ends in tokens; that gives a guess of each piece's end,
 and a search around the guess renders about two candidates per piece, so the work is linear in the length
 of the conversation. The pieces are exactly those of growing one exchange at a time, because a longer
-piece never renders shorter (checked against that rule in tests/unit/test_data_clean.py).
+piece never renders shorter (checked against that rule in tests/unit/test_clean_pack.py).
+
+`data clean` needs the cuts, not the renderings: `split_long` measures candidate pieces by UnitLengths
+(each distinct unit of text tokenized once, in batches; pieces share their units with the whole) and
+skips tokenizing altogether when the rendering has no more bytes than max_len and the tokenizer cannot
+make more tokens than bytes. The cuts are the same `_plan` makes from renderings (tested).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from corral.chat.conversation import Conversation, Message
-from corral.chat.templates import IGNORE_INDEX
+from corral.chat.templates import IGNORE_INDEX, check_conversation, merge_segments
 
 
 @dataclass
@@ -110,6 +115,45 @@ def _last_fitting(lo: int, hi: int, guess: int, fits: Callable[[int], bool]) -> 
 Rendered = tuple[list[int], list[int]]
 
 
+def _plan(n: int, full_length: int, ends: list[int] | None, max_len: int,
+          length: Callable[[int, int], int]) -> list[tuple[int, int]]:
+    """Exchange ranges [start, end) of the pieces, given the whole rendering's length, the token index past
+    each exchange in it (`ends`, or None when unknown) and `length(start, end)`, a piece's rendered length
+    (the caller caches it: a piece's end is probed about twice)."""
+    if full_length <= max_len:
+        return [(0, n)]
+
+    def span(start: int, end: int) -> int:  # tokens of exchanges [start, end) in the full rendering
+        return ends[end - 1] - (ends[start - 1] if start else 0)
+
+    # A piece renders `offset` tokens more than its span: the template's closing text for the first piece,
+    # plus the header (start, system prompt) for the others. Measured once, then on every piece made.
+    pieces: list[tuple[int, int]] = []
+    start, offset = 0, 0
+    while start < n:
+        def fits(end: int, start: int = start) -> bool:
+            return length(start, end) <= max_len
+
+        guess = start + 1
+        if ends is not None:
+            if len(pieces) == 1:  # the second piece: the first with a header of its own
+                offset = length(start, start + 1) - span(start, start + 1)
+            while guess < n and span(start, guess + 1) + offset <= max_len:
+                guess += 1
+        end = _last_fitting(start + 1, n, guess, fits)
+        if ends is not None:
+            offset = length(start, end) - span(start, end)
+        pieces.append((start, end))
+        start = end
+    return pieces
+
+
+def _piece(conv: Conversation, exchanges: list[list[Message]], start: int, end: int, **fields) -> Conversation:
+    system = [conv.messages[0]] if conv.system is not None else []
+    turns = [m for exchange in exchanges[start:end] for m in exchange]
+    return Conversation(system + turns, **({"source": conv.source} | fields))
+
+
 def plan_pieces(conv: Conversation, fmt, max_len: int,
                 rendered: Rendered | None = None) -> list[tuple[int, int, Rendered]]:
     """Where to cut `conv`: pieces as exchange ranges [start, end) with each piece's rendering (ids, labels),
@@ -120,59 +164,120 @@ def plan_pieces(conv: Conversation, fmt, max_len: int,
     n = len(exchanges)
     if len(ids) <= max_len:
         return [(0, n, (ids, labels))]
-    system = [conv.messages[0]] if conv.system is not None else []
     renders: dict[tuple[int, int], Rendered] = {(0, n): (ids, labels)}
 
     def render(start: int, end: int) -> Rendered:
         if (start, end) not in renders:
-            turns = [m for exchange in exchanges[start:end] for m in exchange]
-            renders[start, end] = fmt.render_with_masks(Conversation(system + turns, source=conv.source))
+            renders[start, end] = fmt.render_with_masks(_piece(conv, exchanges, start, end))
         return renders[start, end]
 
     ends = _reply_ends(labels, sum(len(e) == 2 for e in exchanges))
     if ends is not None and len(ends) < n:  # a trailing user turn: its span runs to the end
         ends.append(len(ids))
+    cuts = _plan(n, len(ids), ends, max_len, lambda start, end: len(render(start, end)[0]))
+    return [(start, end, render(start, end)) for start, end in cuts]
 
-    def span(start: int, end: int) -> int:  # tokens of exchanges [start, end) in the full rendering
-        return ends[end - 1] - (ends[start - 1] if start else 0)
 
-    # A piece renders `offset` tokens more than its span: the template's closing text for the first piece,
-    # plus the header (start, system prompt) for the others. Measured once, then on every piece made.
-    pieces, start, offset = [], 0, 0
-    while start < n:
-        def fits(end: int, start: int = start) -> bool:
-            return len(render(start, end)[0]) <= max_len
+class UnitLengths:
+    """Token counts of a template's renderings without building them. A rendering tokenizes each of its
+    units (a run of segments with the same trained flag, templates.merge_segments) on its own, so its length
+    is the sum of its units' lengths; and the pieces of a conversation share nearly all their units with it
+    (every exchange of a piece but its first renders the same text as in the whole). So each distinct unit is
+    tokenized once, in one batch per rendering, through the tokenizer's own batch call (the fast tokenizer's
+    Rust loop) rather than once per unit per candidate piece."""
 
-        guess = start + 1
-        if ends is not None:
-            if len(pieces) == 1:  # the second piece: the first with a header of its own
-                offset = len(render(start, start + 1)[0]) - span(start, start + 1)
-            while guess < n and span(start, guess + 1) + offset <= max_len:
-                guess += 1
-        end = _last_fitting(start + 1, n, guess, fits)
-        piece = render(start, end)
-        if ends is not None:
-            offset = len(piece[0]) - span(start, end)
-        pieces.append((start, end, piece))
-        start = end
-    return pieces
+    def __init__(self, fmt):
+        self.fmt = fmt
+        self.counts: dict[str, int] = {}
+
+    @staticmethod
+    def supports(fmt) -> bool:
+        return hasattr(fmt, "segments") and hasattr(fmt, "tokenizer")
+
+    def texts(self, conv: Conversation) -> list[tuple[str, bool]]:
+        check_conversation(conv, for_training=True)
+        return merge_segments(self.fmt.segments(conv, add_generation_prompt=False))
+
+    def units(self, conv: Conversation, texts: list[tuple[str, bool]] | None = None) -> list[tuple[int, bool]]:
+        """(tokens, trained) of each unit of conv's training rendering."""
+        texts = self.texts(conv) if texts is None else texts
+        new = [text for text in dict.fromkeys(text for text, _ in texts) if text not in self.counts]
+        if new:
+            for text, ids in zip(new, self.fmt.tokenizer(new, add_special_tokens=False)["input_ids"]):
+                self.counts[text] = len(ids)
+        return [(self.counts[text], trained) for text, trained in texts]
+
+
+def tokens_at_most_bytes(tokenizer) -> bool:
+    """Whether no text can tokenize to more tokens than its UTF-8 bytes: true of a byte-level BPE tokenizer
+    (GPT-2's, SmolLM2's) with no normalizer and no added prefix space, since each of its tokens
+    covers at least one byte (an added token, several). Then a rendering of at most max_len bytes fits
+    without being tokenized. Anything else (a normalizer may lengthen text, SentencePiece adds a prefix
+    space, a slow tokenizer cannot be looked into) is false, and every rendering is counted."""
+    from tokenizers import models, pre_tokenizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None or backend.normalizer is not None or not isinstance(backend.model, models.BPE):
+        return False
+    pre = backend.pre_tokenizer
+    return isinstance(pre, pre_tokenizers.ByteLevel) and not pre.add_prefix_space
+
+
+def _utf8_length(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _unit_reply_ends(units: list[tuple[int, bool]], replies: int) -> list[int] | None:
+    """`_reply_ends` of the labels these units make, from their lengths alone."""
+    ends, position, inside = [], 0, False
+    for tokens, trained in units:
+        if not tokens:
+            continue
+        if inside and not trained:
+            ends.append(position)
+        inside = trained
+        position += tokens
+    if inside:
+        ends.append(position)
+    return ends if len(ends) == replies else None
 
 
 def split_long(conv: Conversation, fmt, max_len: int) -> tuple[list[Conversation], int]:
-    """`conv` as conversations of at most max_len tokens, cut where training would cut it (`plan_pieces`),
-    for `data clean`. Returns (pieces, how many are still longer than max_len: a single long exchange,
-    which training truncates). A piece's id is the conversation's id and its first turn's index."""
-    pieces = plan_pieces(conv, fmt, max_len)
-    too_long = sum(len(ids) > max_len for _, _, (ids, _) in pieces)
-    if len(pieces) == 1:
-        return [conv], too_long
-    system = [conv.messages[0]] if conv.system is not None else []
+    """`conv` as conversations of at most max_len tokens, cut where training would cut it (`plan_pieces`'s
+    cuts, from lengths counted by UnitLengths when the template allows), for `data clean`. Returns (pieces,
+    how many are still longer than max_len: a single long exchange, which training truncates). A piece's id
+    is the conversation's id and its first turn's index."""
     exchanges = exchanges_of(conv)
-    out = []
-    for k, (start, end, _) in enumerate(pieces):
-        turns = [m for exchange in exchanges[start:end] for m in exchange]
-        out.append(Conversation(system + turns, source=f"{conv.source} (part {k + 1}/{len(pieces)})",
-                                id=f"{conv.id}_{2 * start}" if conv.id else "", meta=dict(conv.meta)))
+    n = len(exchanges)
+    if UnitLengths.supports(fmt):
+        measure = UnitLengths(fmt)
+        texts = measure.texts(conv)
+        if tokens_at_most_bytes(fmt.tokenizer) and sum(_utf8_length(text) for text, _ in texts) <= max_len:
+            return [conv], 0  # fewer bytes than max_len: fewer tokens too, no need to count them
+        units = measure.units(conv, texts)
+        full = sum(tokens for tokens, _ in units)
+        lengths: dict[tuple[int, int], int] = {(0, n): full}
+
+        def length(start: int, end: int) -> int:
+            if (start, end) not in lengths:
+                lengths[start, end] = sum(t for t, _ in measure.units(_piece(conv, exchanges, start, end)))
+            return lengths[start, end]
+
+        ends = _unit_reply_ends(units, sum(len(e) == 2 for e in exchanges)) if full > max_len else None
+        if ends is not None and len(ends) < n:
+            ends.append(full)
+        cuts = _plan(n, full, ends, max_len, length)
+        sizes = [length(start, end) for start, end in cuts]
+    else:
+        planned = plan_pieces(conv, fmt, max_len)
+        cuts = [(start, end) for start, end, _ in planned]
+        sizes = [len(ids) for _, _, (ids, _) in planned]
+    too_long = sum(size > max_len for size in sizes)
+    if len(cuts) == 1:
+        return [conv], too_long
+    out = [_piece(conv, exchanges, start, end, source=f"{conv.source} (part {k + 1}/{len(cuts)})",
+                  id=f"{conv.id}_{2 * start}" if conv.id else "", meta=dict(conv.meta))
+           for k, (start, end) in enumerate(cuts)]  # fmt: skip
     return out, too_long
 
 

@@ -1,6 +1,8 @@
 """Readers for conversation data: ShareGPT, OpenAI messages, Alpaca, self-instruct seed tasks.
 
-Files: .jsonl, .json (a list of records), .parquet, or a local `datasets` folder (save_to_disk). A .jsonl
+Files: .jsonl, .json (a list of records), .parquet, a local `datasets` folder (save_to_disk), or a data set
+on the Hugging Face Hub, `org/name` (datasets.load_dataset and its cache; subset, split and revision as
+`org/name?subset=..&split=..&revision=..`, which the data config's keys fill in). A .jsonl
 or .json file may be compressed (.gz, .bz2, .xz, .zst: read transparently) and may start with a UTF-8
 byte-order mark. Every error names the file, the line (or record index) and the field; a byte that is
 not UTF-8 also gets its byte offset, a duplicate JSON key its name. With `skip_invalid`, bad records are
@@ -82,9 +84,57 @@ def line_error_reason(location: str, error: DataError) -> str:
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 
 
-def resolve_data_path(path: str | Path, builtin_dir: Path = BUILTIN_DIR) -> Path:
+HUB_ID = re.compile(r"(?:hf://datasets/)?([A-Za-z0-9][\w.-]*/[\w.-]+)(?:\?(.*))?", re.DOTALL)
+HUB_OPTIONS = ("subset", "split", "revision")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".gz", ".bz2", ".xz", ".zst", ".csv", ".txt", ".arrow")
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    """A data set on the Hugging Face Hub, `org/name`, read with datasets.load_dataset (and its cache: with
+    HF_HUB_OFFLINE=1 the cached copy). `subset` is load_dataset's configuration name, `split` its split
+    ("train" when the data set has one and none is given), `revision` a branch, tag or commit."""
+
+    repo: str
+    subset: str = ""
+    split: str = ""
+    revision: str = ""
+
+    def __str__(self) -> str:
+        query = "&".join(f"{key}={getattr(self, key)}" for key in HUB_OPTIONS if getattr(self, key))
+        return self.repo + (f"?{query}" if query else "")
+
+    def exists(self) -> bool:
+        """True: whether the Hub (or the cache) has it is known only when it is loaded."""
+        return True
+
+    def is_dir(self) -> bool:
+        return False
+
+
+def parse_hub_id(text: str) -> HubDataset | None:
+    """`org/name` or `hf://datasets/org/name`, with options as a query (`org/name?subset=en&split=test&revision=v1`),
+    as a HubDataset; None when `text` does not look like one (a file name, a path of more parts). An unknown or
+    repeated option is a DataError."""
+    match = HUB_ID.fullmatch(text)
+    if match is None or (not text.startswith("hf://") and match.group(1).lower().endswith(DATA_SUFFIXES)):
+        return None
+    options: dict[str, str] = {}
+    for part in (match.group(2) or "").split("&") if match.group(2) else []:
+        key, _, value = part.partition("=")
+        if key not in HUB_OPTIONS or key in options or not value:
+            raise DataError(f"{text}: '{part}': a Hub data set takes {', '.join(f'{k}=VALUE' for k in HUB_OPTIONS)}, "
+                            "each once")  # fmt: skip
+        options[key] = value
+    return HubDataset(match.group(1), **options)
+
+
+def resolve_data_path(path: str | Path, builtin_dir: Path = BUILTIN_DIR) -> Path | HubDataset:
     """`builtin:NAME` names a file shipped with Corral (`builtin_dir/NAME.jsonl`, by default a data set
-    in corral/data/builtin)."""
+    in corral/data/builtin); `org/name` (when no such file or folder exists here) or `hf://datasets/org/name`
+    a data set on the Hub (HubDataset)."""
+    if isinstance(path, HubDataset):
+        return path
     text = str(path)
     if text.startswith("builtin:"):
         name = text[len("builtin:") :]
@@ -95,7 +145,29 @@ def resolve_data_path(path: str | Path, builtin_dir: Path = BUILTIN_DIR) -> Path
         return found
     if not text:
         raise DataError("no data path given (set data.path)")
+    if text.startswith("hf://") or not Path(text).exists():
+        hub = parse_hub_id(text)
+        if hub is not None:
+            return hub
     return Path(path)
+
+
+def _iter_hub_dataset(hub: HubDataset) -> Iterator[tuple[str, Any]]:
+    from datasets import DatasetDict, load_dataset
+
+    try:
+        data = load_dataset(hub.repo, hub.subset or None, split=hub.split or None, revision=hub.revision or None)
+    except Exception as e:  # not on the Hub, not cached offline, no such subset, split or revision: say which
+        detail = " ".join(str(e).split())
+        raise DataError(f"{hub}: no such file or folder here, and it could not be loaded as a data set on the Hub "
+                        f"({type(e).__name__}: {detail})") from None
+    if isinstance(data, DatasetDict):
+        if "train" not in data:
+            raise DataError(f"{hub}: no 'train' split (it has {', '.join(data)}): choose one with data.hub_split "
+                            "(or ?split= in the path)")  # fmt: skip
+        data = data["train"]
+    for i, record in enumerate(data):
+        yield f"{hub}:record {i}", record
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,11 +294,36 @@ def _iter_jsonl(path: Path, compressed: bool) -> Iterator[tuple[str, str | None,
                 yield f"{path}:{lineno}", line, None
 
 
-def iter_raw_records(path: str | Path) -> Iterator[tuple[str, Any, DataError | None, str]]:
+def parse_line(location: str, line: str) -> tuple[Any, DataError | None]:
+    """One JSONL line's record, or (None, the error naming the line)."""
+    try:
+        return parse_json(line), None
+    except json.JSONDecodeError as e:
+        return None, DataError(f"{location}: invalid JSON: {e.msg} (column {e.colno})")
+    except DataError as e:
+        return None, DataError(f"{location}: {e}")
+
+
+class _Unparsed:
+    """iter_raw_records(parse=False)'s record for a JSONL line left to the caller's parse_line."""
+
+    def __reduce__(self):
+        return "UNPARSED"  # pickled as a reference: the same object in a worker process
+
+
+UNPARSED = _Unparsed()
+
+
+def iter_raw_records(path: str | Path, parse: bool = True) -> Iterator[tuple[str, Any, DataError | None, str]]:
     """Yield (location, record, error, raw text): `error` is set (and `record` None) for a line that is not
     valid UTF-8 or JSON, so a caller may skip it and carry on. Location is `file:line` or `file:record N`;
-    `raw` is the line's text (.jsonl) or "" (whole-file formats)."""
+    `raw` is the line's text (.jsonl) or "" (whole-file formats). With `parse=False` a JSONL line's record
+    is UNPARSED, left for `parse_line` (in another process, say)."""
     path = resolve_data_path(path)
+    if isinstance(path, HubDataset):
+        for location, record in _iter_hub_dataset(path):
+            yield location, record, None, ""
+        return
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     if path.is_dir():
@@ -238,13 +335,10 @@ def iter_raw_records(path: str | Path) -> Iterator[tuple[str, Any, DataError | N
         for location, line, error in _iter_jsonl(path, bool(compression)):
             if error is not None:
                 yield location, None, error, ""
-                continue
-            try:
-                yield location, parse_json(line), None, line
-            except json.JSONDecodeError as e:
-                yield location, None, DataError(f"{location}: invalid JSON: {e.msg} (column {e.colno})"), line
-            except DataError as e:
-                yield location, None, DataError(f"{location}: {e}"), line
+            elif not parse:
+                yield location, UNPARSED, None, line
+            else:
+                yield location, *parse_line(location, line), line
     elif kind == ".json":
         for location, record in _iter_json_list(path, bool(compression)):
             yield location, record, None, ""

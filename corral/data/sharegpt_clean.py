@@ -16,10 +16,12 @@ raises `Rejected` with the reason; `corral data clean` (recipes/data.py) builds 
   split       long conversations cut at turn boundaries by tokens, as SFT cuts them (clean.py)
   test        a seeded train / test split by conversation
 
-The steps up to `language` see one record at a time, so records stream through them in chunks (in
-several processes if asked) and memory holds a chunk, not the file; `dedup` keeps only digests and
-signatures of what it has seen. Every dropped record goes to the rejects file with its step and reason
-(a cut conversation's dropped turns too), and every change is counted: nothing is lost silently.
+The steps up to `language` see one record at a time, so records stream through them in chunks (in a
+pool of processes, one per core by default, which parse the JSONL lines, split the kept conversations
+and send back JSON text) and memory holds a chunk, not the file; `dedup` keeps only digests and
+signatures of what it has seen, in the one process that reads and writes the records in order. Every
+dropped record goes to the rejects file with its step and reason (a cut conversation's dropped turns
+too), and every change is counted: nothing is lost silently.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from corral.atomic import atomic_write_text
 from corral.chat.conversation import Conversation, Message
@@ -43,8 +45,8 @@ from corral.data import text as textfix
 from corral.data.clean import split_long
 from corral.data.dedup import NearDuplicates, conversation_text, first_exchange_key, signature
 from corral.data.filters import detect_language, first_bad_turn
-from corral.data.formats import (OPENAI_ROLES, SHAREGPT_ROLES, DataError, detect_format, error_reason,
-                                 iter_raw_records, line_error_reason, parse_record, read_turn)
+from corral.data.formats import (OPENAI_ROLES, SHAREGPT_ROLES, UNPARSED, DataError, detect_format, error_reason,
+                                 iter_raw_records, line_error_reason, parse_line, parse_record, read_turn)
 
 LOCAL_STEPS = ("read", "roles", "html", "unicode", "whitespace", "pii", "filters", "language")
 STEPS = (*LOCAL_STEPS, "dedup", "split", "test")
@@ -251,13 +253,28 @@ def check_language(conv: Conversation, keep=(), skip=(), max_chars: int = 1000,
 
 @dataclass
 class Item:
-    """One conversation out of the record-local steps: kept (conv set) or not, with its rejects-file lines."""
+    """One conversation out of the record-local steps: kept or not, with its rejects-file lines. A kept one
+    comes as JSON already (`record_json`, its output record), so a worker process sends text back, not
+    objects; `conv` is there until the split (precomputed in the worker when there is one: `split`)."""
 
     location: str
-    conv: Conversation | None
+    kept: bool
     rejects: list[dict]
+    conv: Conversation | None = None
+    id: str = ""
     first_key: bytes = b""
     sig: Any = None
+    record_json: str = ""
+    split: Split | None = None
+
+
+class Split(NamedTuple):
+    """A kept conversation's split: its output lines and what changed, or why the split rejected it."""
+
+    lines: list[str]
+    changes: Counter
+    seconds: float
+    rejected: Rejected | None = None
 
 
 def reject_line(location: str, step: str, reason: str, detail: str = "", **more) -> dict:
@@ -287,35 +304,50 @@ def _timed(count: StepCount, fn, *args):
         count.seconds += time.perf_counter() - started
 
 
-def clean_chunk(chunk: list, read: Callable, steps: list[tuple[str, Callable]], near_signature: Callable | None
-                ) -> tuple[list[Item], dict[str, StepCount]]:
+def _json_line(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False)
+
+
+def clean_chunk(chunk: list, read: Callable, steps: list[tuple[str, Callable]], near_signature: Callable | None,
+                layout: str = "sharegpt", splitter: Callable | None = None,
+                in_worker: bool = False) -> tuple[list[Item], dict[str, StepCount]]:
     """Run `read` and the record-local `steps` ((name, fn(conv) -> (conv, changes))) over raw records
-    ((location, record, error, raw) from formats.iter_raw_records); a module-level function, so a process
-    pool can run it."""
+    ((location, record, error, raw) from formats.iter_raw_records, a JSONL line's record possibly UNPARSED).
+    `in_worker` (a process of the pool): split each kept conversation here too, with `splitter` (whether it
+    is a duplicate is only known later, in the one process that sees every record), and send back its lines
+    rather than the Conversation. A module-level function, so a process pool can run it."""
     counts = {name: StepCount() for name in (*LOCAL_STEPS, "dedup")}  # dedup: the time of its signatures
     items = []
     for location, record, error, raw in chunk:
+        if record is UNPARSED:
+            record, error = parse_line(location, raw)
         if error is not None:
             counts["read"].seen += 1
             counts["read"].dropped += 1
             reason = line_error_reason(location, error)
             counts["read"].reasons[reason] += 1
-            items.append(Item(location, None, [reject_line(location, "read", reason, str(error), line=raw)]))
+            items.append(Item(location, False, [reject_line(location, "read", reason, str(error), line=raw)]))
             continue
         try:
             found = _timed(counts["read"], read, record)
         except DataError as e:
             counts["read"].dropped += 1
             counts["read"].reasons[_field_reason(e)] += 1
-            items.append(Item(location, None, [reject_line(location, "read", _field_reason(e), str(e), record=record)]))
+            items.append(Item(location, False, [reject_line(location, "read", _field_reason(e), str(e),
+                                                            record=record)]))  # fmt: skip
             continue
         for k, turns in enumerate(found):
             where = location if len(found) == 1 else f"{location} (instance {k})"
-            items.append(_clean_one(where, record, turns, steps, counts, near_signature))
+            item = _clean_one(where, record, turns, steps, counts, near_signature, layout)
+            if item.kept and in_worker:
+                if splitter is not None:
+                    item.split = _split_lines(item.conv, splitter, layout, item.record_json)
+                item.conv = None  # not sent back: its lines say it all
+            items.append(item)
     return items, counts
 
 
-def _clean_one(location, record, turns, steps, counts, near_signature) -> Item:
+def _clean_one(location, record, turns, steps, counts, near_signature, layout) -> Item:
     rejects: list[dict] = []
     step = "roles"
     try:
@@ -331,11 +363,25 @@ def _clean_one(location, record, turns, steps, counts, near_signature) -> Item:
                 conv.meta = {k: v for k, v in conv.meta.items() if k != "cut"}
     except Rejected as e:
         rejects.append(reject_line(location, step, e.reason, e.detail, record=record))
-        return Item(location, None, rejects)
+        return Item(location, False, rejects)
     started = time.perf_counter()
     sig = near_signature(conversation_text(conv)) if near_signature else None
     counts["dedup"].seconds += time.perf_counter() - started
-    return Item(location, conv, rejects, first_exchange_key(conv), sig)
+    return Item(location, True, rejects, conv, conv.id, first_exchange_key(conv), sig,
+                _json_line(output_record(conv, layout)))
+
+
+def _split_lines(conv: Conversation, splitter: Callable, layout: str, record_json: str) -> Split:
+    started = time.perf_counter()
+    try:
+        pieces, changes = splitter(conv)
+    except Rejected as e:
+        return Split([], Counter(), time.perf_counter() - started, e)
+    if len(pieces) == 1 and pieces[0] is conv:
+        lines = [record_json]
+    else:
+        lines = [_json_line(output_record(piece, layout)) for piece in pieces]
+    return Split(lines, changes, time.perf_counter() - started)
 
 
 def _count_changes(count: StepCount, changes: Counter) -> None:
@@ -360,27 +406,40 @@ def chunks(records: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
+_WORKER_FN: Callable | None = None
+
+
+def _set_worker_fn(fn: Callable) -> None:
+    global _WORKER_FN
+    _WORKER_FN = fn
+
+
+def _call_worker_fn(job):
+    return _WORKER_FN(job)
+
+
 def map_ordered(fn: Callable, jobs: Iterable, workers: int) -> Iterator:
     """fn over jobs, results in order; with workers > 1 in a process pool, at most 2 x workers jobs in
-    flight (Pool.imap would read the whole input ahead)."""
+    flight (Pool.imap would read the whole input ahead). `fn` reaches each worker once, when it starts (a
+    forked worker inherits it: a tokenizer inside is not pickled with every chunk)."""
     if workers <= 1:
         yield from map(fn, jobs)
         return
     import multiprocessing
 
-    with multiprocessing.get_context().Pool(workers) as pool:
+    with multiprocessing.get_context().Pool(workers, initializer=_set_worker_fn, initargs=(fn,)) as pool:
         pending: deque = deque()
         for job in jobs:
-            pending.append(pool.apply_async(fn, (job,)))
+            pending.append(pool.apply_async(_call_worker_fn, (job,)))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
 
 
-def iter_inputs(paths: list[str]) -> Iterator[tuple]:
+def iter_inputs(paths: list[str], parse: bool = True) -> Iterator[tuple]:
     for path in paths:
-        yield from iter_raw_records(path)
+        yield from iter_raw_records(path, parse=parse)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -397,17 +456,16 @@ class Deduplicator:
         self.firsts: dict[bytes, str] = {}
 
     def check(self, item: Item) -> None:
-        conv = item.conv
-        if self.by_id and conv.id in self.ids:
-            raise Rejected("same id", f"as {self.ids[conv.id]}")
+        if self.by_id and item.id in self.ids:
+            raise Rejected("same id", f"as {self.ids[item.id]}")
         if self.by_first_exchange and item.first_key in self.firsts:
             raise Rejected("same first exchange", f"as {self.firsts[item.first_key]}")
         if self.near is not None and item.sig is not None:
             earlier = self.near.check(item.location, item.sig)
             if earlier is not None:
                 raise Rejected("near-duplicate", f"of {earlier}")
-        if self.by_id and conv.id:
-            self.ids[conv.id] = item.location
+        if self.by_id and item.id:
+            self.ids[item.id] = item.location
         if self.by_first_exchange:
             self.firsts[item.first_key] = item.location
 
@@ -452,7 +510,10 @@ class AtomicLines:
         return self
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.write_line(_json_line(record))
+
+    def write_line(self, line: str) -> None:
+        self.file.write(line + "\n")
         self.count += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -517,6 +578,11 @@ class CleanReport:
         return table
 
 
+def _with_conversation(line: dict, conversation_json: str) -> str:
+    """json.dumps(line | {"conversation": ...}) for a conversation already written as JSON."""
+    return _json_line(line)[:-1] + ', "conversation": ' + conversation_json + "}"
+
+
 def run_clean(inputs: list[str], output: str, *, read: Callable, steps: list[tuple[str, Callable]],
               near_signature: Callable | None = None, dedup: Deduplicator | None = None,
               splitter: Callable | None = None, layout: str = "sharegpt", rejects: str = "", test_output: str = "",
@@ -525,36 +591,52 @@ def run_clean(inputs: list[str], output: str, *, read: Callable, steps: list[tup
     """Every step over `inputs`, in order: kept conversations to `output` (or `test_output`), dropped ones
     to `rejects`, counts to the returned report (and `report_path` as JSON). `steps` are the record-local
     steps from `roles` on (`read` parses a record); `splitter(conv)` returns (pieces, changes). The files
-    appear only when everything has been read: each is written beside its name and renamed."""
+    appear only when everything has been read: each is written beside its name and renamed.
+
+    With workers > 1 the record-local steps run in a process pool, chunk by chunk, and so does the split
+    (of every conversation, duplicates too: only this process, which sees the records in order, can tell
+    a duplicate); this process reads, deduplicates and writes, in input order, so the files are the same
+    for any number of workers."""
     rejects = rejects or str(Path(output).with_suffix("")) + ".rejects.jsonl"
     report = CleanReport([str(p) for p in inputs], str(output), rejects, test_output if test_fraction > 0 else "",
                          enabled=dict(enabled or {}))
     started = time.perf_counter()
-    worker = partial(clean_chunk, read=read, steps=steps, near_signature=near_signature)
+    parallel = workers > 1
+    worker = partial(clean_chunk, read=read, steps=steps, near_signature=near_signature, layout=layout,
+                     splitter=splitter, in_worker=parallel)
+    split_count = report.steps["split"]
     with ExitStack() as stack:
         out = stack.enter_context(AtomicLines(output))
         test = stack.enter_context(AtomicLines(test_output)) if report.test_output else None
         rejected = stack.enter_context(AtomicLines(rejects))
-        for items, counts in map_ordered(worker, chunks(iter_inputs(inputs), chunk_size), workers):
+        for items, counts in map_ordered(worker, chunks(iter_inputs(inputs, parse=not parallel), chunk_size),
+                                         workers):
             for name, count in counts.items():
                 report.steps[name].add(count)
             for item in items:
                 for line in item.rejects:
                     rejected.write(line)
-                if item.conv is None:
+                if not item.kept:
                     report.rejected += 1
                     continue
-                step, pieces = "dedup", [item.conv]
+                step, lines = "dedup", [item.record_json]
                 try:
                     if dedup is not None:
                         _timed(report.steps["dedup"], dedup.check, item)
                     if splitter is not None:
                         step = "split"
-                        pieces, changes = _timed(report.steps["split"], splitter, item.conv)
-                        _count_changes(report.steps["split"], changes)
+                        split = item.split or _split_lines(item.conv, splitter, layout, item.record_json)
+                        split_count.seen += 1
+                        split_count.seconds += split.seconds
+                        if split.rejected is not None:
+                            split_count.dropped += 1
+                            split_count.reasons[split.rejected.reason] += 1
+                            raise split.rejected
+                        lines = split.lines
+                        _count_changes(split_count, split.changes)
                 except Rejected as e:
-                    rejected.write(reject_line(item.location, step, e.reason, e.detail,
-                                               conversation=output_record(item.conv, layout)))
+                    rejected.write_line(_with_conversation(reject_line(item.location, step, e.reason, e.detail),
+                                                           item.record_json))
                     report.rejected += 1
                     continue
                 report.kept += 1
@@ -563,8 +645,8 @@ def run_clean(inputs: list[str], output: str, *, read: Callable, steps: list[tup
                 report.steps["test"].seen += 1
                 if to_test:
                     report.steps["test"].changes["conversations to the test file"] += 1
-                for piece in pieces:
-                    (test if to_test else out).write(output_record(piece, layout))
+                for line in lines:
+                    (test if to_test else out).write_line(line)
         report.written, report.test = out.count, test.count if test else 0
     report.records = report.steps["read"].seen
     report.seconds = time.perf_counter() - started

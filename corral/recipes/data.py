@@ -3,6 +3,7 @@ and measure a file before training on it."""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -14,7 +15,7 @@ from corral.atomic import atomic_write_bytes, atomic_write_text
 from corral.chat.templates import IGNORE_INDEX, get_template
 from corral.config import DataCleanConfig, DataStatsConfig, InspectConfig
 from corral.data.clean import conversations_to_samples
-from corral.data.formats import DataError, file_kind, read_conversations, resolve_data_path
+from corral.data.formats import DataError, file_kind, parse_hub_id, read_conversations, resolve_data_path
 from corral.models.load import load_tokenizer
 
 
@@ -92,8 +93,12 @@ def clean(cfg: DataCleanConfig):
                              max_chars=cfg.language.max_chars, min_confidence=cfg.language.min_confidence)),
     ]  # fmt: skip
     steps += [(name, fn) for name, fn in optional if enabled.get(name, True)]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = cfg.workers or cores
     splitter = None
     if cfg.split_max_len:
+        if workers > 1:  # the worker processes are the parallelism: each tokenizes on one thread
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         fmt = get_template(cfg.template, load_tokenizer(cfg.model))
         splitter = partial(sc.split_step, fmt=fmt, max_len=cfg.split_max_len)
     dedup = sc.Deduplicator(cfg.dedup.by_id, cfg.dedup.by_first_exchange,
@@ -103,7 +108,7 @@ def clean(cfg: DataCleanConfig):
         steps=steps, near_signature=sc.near_signer(near.num_perm, near.shingle_words, near.max_words) if near.enabled
         else None, dedup=dedup if enabled["dedup"] else None, splitter=splitter, layout=cfg.layout,
         rejects=_beside(cfg.output, ".rejects.jsonl"), test_output=cfg.test_output or _beside(cfg.output, ".test.jsonl"),
-        test_fraction=cfg.test_fraction, seed=cfg.seed, workers=cfg.workers, chunk_size=cfg.chunk_size,
+        test_fraction=cfg.test_fraction, seed=cfg.seed, workers=workers, chunk_size=cfg.chunk_size,
         enabled=enabled, report_path=_beside(cfg.output, ".report.json"),
     )  # fmt: skip
     console = Console(highlight=False)
@@ -115,7 +120,11 @@ def clean(cfg: DataCleanConfig):
 
 
 def _stats_name(data_path: str) -> str:
-    """chats.jsonl.gz -> chats; builtin:corral_identity -> corral_identity."""
+    """chats.jsonl.gz -> chats; builtin:corral_identity -> corral_identity; org/chats?subset=en&split=test (a
+    data set on the Hub) -> chats-en-test."""
+    hub = parse_hub_id(str(data_path)) if not Path(str(data_path)).exists() else None
+    if hub is not None:
+        return "-".join(part for part in (hub.repo.split("/")[1], hub.subset, hub.split) if part).replace("/", "_")
     path = Path(str(data_path).removeprefix("builtin:"))
     kind, compression = file_kind(path)
     name = path.name

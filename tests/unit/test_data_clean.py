@@ -277,3 +277,184 @@ def test_data_stats_counts_tokens_splits_and_duplicates(tmp_path, tiny_model_dir
     assert "![tokens per conversation](chats.stats.png)" in markdown
     assert (out.parent / "chats.stats.png").read_bytes()[:4] == b"\x89PNG"
     assert "| conversations | 7 |" in printed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fast paths give what the slow ones give
+
+
+def random_reply_html(rng, depth=0):
+    """ChatGPT-page-like markup: blocks, inline tags, code blocks with their header, odd spacing, entities."""
+    words = ["alpha", "x_y", "2 * 3", "a`b", "&lt;tag&gt;", "&amp;", "&#39;q&#39;", "&nbsp;", "caf\u00e9", "1.", "#"]
+    spaces = ["", " ", "  ", "\n", " \n ", "\t", "\r\n"]
+
+    def text():
+        return rng.choice(spaces) + " ".join(rng.choice(words) for _ in range(rng.randint(0, 3))) + rng.choice(spaces)
+
+    def inline(d):
+        if d > 2 or rng.random() < 0.4:
+            return text()
+        if rng.random() < 0.1:
+            return rng.choice(["<br>", "<br/>"])
+        tag = rng.choice(["strong", "em", "code", "span", "a", "B"])
+        attrs = ' href="http://x.org" title="T"' if tag == "a" else ""
+        return f"<{tag}{attrs}>{''.join(inline(d + 1) for _ in range(rng.randint(0, 3)))}</{tag}>"
+
+    def block(d):
+        kind = rng.random()
+        if d > 2 or kind < 0.25:
+            return inline(d)
+        if kind < 0.4:
+            language = rng.choice(["python", "", "c++"])
+            code = "".join(rng.choice(["x = 1", "\n", "  ", '<span class="k">def</span>', "&lt;", "\n\n"])
+                           for _ in range(rng.randint(0, 6)))  # fmt: skip
+            header = rng.choice(["", f'<div><span>{language or "code"}</span><button><svg><path d="M1"/></svg>'
+                                     "Copy code</button></div>"])  # fmt: skip
+            return f'<pre><div>{header}<code class="hljs language-{language}">{code}</code></div></pre>'
+        if kind < 0.6:
+            tag = rng.choice(["ol", "ul"])
+            items = "".join(f"{rng.choice(spaces)}<li>{''.join(block(d + 1) for _ in range(rng.randint(0, 2)))}</li>"
+                            for _ in range(rng.randint(0, 3)))  # fmt: skip
+            start = ' start="3"' if tag == "ol" and rng.random() < 0.3 else ""
+            return f"<{tag}{start}>{items}</{tag}>"
+        tag = rng.choice(["p", "div", "h2", "h3", "blockquote", "hr"])
+        if tag == "hr":
+            return "<hr>"
+        return f"<{tag}>{''.join(rng.choice([block, inline])(d + 1) for _ in range(rng.randint(0, 3)))}</{tag}>"
+
+    counter = rng.choice(["", "1 / 1"])
+    return f'<div class="markdown prose">{counter}{"".join(block(depth) for _ in range(rng.randint(1, 5)))}</div>'
+
+
+def test_fast_html_converter_writes_what_bs4_and_markdownify_write():
+    import random
+
+    from corral.data.markdown import convert
+    from corral.data.text import _strip_code_spans, html_to_markdown_full
+
+    rng = random.Random(0)
+    documents = [CHATGPT_HTML] + [random_reply_html(rng) for _ in range(300)]
+    answered = 0
+    for document in documents:
+        fast = convert(_strip_code_spans(document))
+        if fast is not None:
+            answered += 1
+            assert fast == html_to_markdown_full(document), document
+    assert answered >= 280  # nearly all of it is markup the fast converter knows
+    # What it does not know it refuses, and html_to_markdown takes the full path for it.
+    for unknown in ("<table><tr><td>a</td></tr></table>", "<p>a < b</p>", "<p>&copy; x</p>", "<p>open", "<p>a</div>",
+                    "<!-- c --><p>x</p>", '<a href=x>y</a>'):  # fmt: skip
+        assert convert(unknown) is None, unknown
+        assert html_to_markdown(unknown) == html_to_markdown_full(unknown)
+
+
+def split_reference(conv, fmt, max_len):
+    """split_long as it was: every piece's cut and length from rendering (plan_pieces)."""
+    from corral.data.clean import plan_pieces
+
+    planned = plan_pieces(conv, fmt, max_len)
+    return [(start, end) for start, end, _ in planned], sum(len(ids) > max_len for _, _, (ids, _) in planned)
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama2", "auto"])
+def test_split_by_unit_lengths_cuts_where_rendering_cuts(tiny_tokenizer, template):
+    import random
+
+    from corral.chat.templates import get_template
+    from corral.data.clean import exchanges_of, split_long
+
+    fmt = get_template(template, tiny_tokenizer)
+    rng = random.Random(template)
+    for k in range(30):
+        pairs = []
+        for i in range(rng.randint(1, 12)):
+            pairs += [("user", " ".join(f"q{i}w{j}" for j in range(rng.randint(1, 10)))),
+                      ("assistant", " ".join(f"a{i}x{j}" for j in range(rng.choice([1, 4, 15, 50]))))]
+        conv = Conversation.from_pairs(*pairs, system="Be brief." if k % 3 == 0 else None)
+        conv.id = f"c{k}"
+        for max_len in (30, 80, 200, 10_000):
+            cuts, too_long = split_reference(conv, fmt, max_len)
+            pieces, got_too_long = split_long(conv, fmt, max_len)
+            exchanges = exchanges_of(conv)
+            expected = [[m for e in exchanges[start:end] for m in e] for start, end in cuts]
+            assert [p.turns for p in pieces] == expected and got_too_long == too_long, (k, max_len)
+            assert [p.id for p in pieces] == ([conv.id] if len(cuts) == 1 else [f"c{k}_{2 * s}" for s, _ in cuts])
+
+
+def test_a_rendering_of_fewer_bytes_than_max_len_is_not_tokenized(tiny_tokenizer):
+    from tokenizers import normalizers
+
+    from corral.chat.templates import get_template
+    from corral.data.clean import split_long, tokens_at_most_bytes
+
+    assert tokens_at_most_bytes(tiny_tokenizer)  # byte-level BPE: each token is at least one byte
+    normalized = copy_tokenizer(tiny_tokenizer)
+    normalized.backend_tokenizer.normalizer = normalizers.NFKC()  # may lengthen text: no bound
+    assert not tokens_at_most_bytes(normalized)
+    fmt = get_template("chatml", tiny_tokenizer)
+    conv = Conversation.from_pairs(("user", "Hi there"), ("assistant", "Hello! How are you?"))
+    rendered = len(fmt.render_text(conv, add_generation_prompt=False).encode())
+    calls = []
+    fmt.tokenizer = CountingTokenizer(tiny_tokenizer, calls)
+    assert split_long(conv, fmt, rendered) == ([conv], 0) and calls == []  # fits by its bytes: not tokenized
+    assert split_long(conv, fmt, rendered - 1) == ([conv], 0) and calls  # counted: still fits in tokens
+
+
+class CountingTokenizer:
+    def __init__(self, tokenizer, calls):
+        self.tokenizer, self.calls = tokenizer, calls
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def __call__(self, texts, **kwargs):
+        self.calls.append(texts)
+        return self.tokenizer(texts, **kwargs)
+
+
+def copy_tokenizer(tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    from tokenizers import Tokenizer
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()))
+
+
+def test_shingles_hash_each_word_as_before():
+    import zlib
+
+    import numpy as np
+
+    from corral.data.dedup import shingle_hashes
+
+    text = "The cat sat on the mat, and the cat sat again: the end. " * 7
+    words = text.casefold().replace(",", " ").replace(":", " ").replace(".", " ").split()
+    hashes = np.array([zlib.crc32(w.encode()) for w in words], dtype=np.uint64)
+    combined = np.zeros(len(words) - 4, dtype=np.uint64)
+    for j in range(5):
+        combined = combined * np.uint64(1_000_003) + hashes[j : len(words) - 4 + j]
+    expected = np.unique((combined ^ (combined >> np.uint64(32))) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    assert np.array_equal(shingle_hashes(text), expected)
+
+
+def test_workers_split_in_their_processes_and_write_the_same_files(tmp_path, tiny_model_dir):
+    values = []
+    for i in range(9):
+        values += [f"Question number {i}?", " ".join(f"answer{i}" for _ in range(12))]
+    records = raw_records() + [{"id": f"long{k}", "conversations": [
+        {"from": "human" if j % 2 == 0 else "gpt", "value": f"{v} {k}"} for j, v in enumerate(values)]}
+        for k in range(4)]  # fmt: skip
+    raw = write_raw(tmp_path / "raw.jsonl", records * 2)  # the second half: duplicates, split in the workers too
+    outputs = []
+    for extra in (["workers=1"], ["workers=2", "chunk_size=3"]):
+        out = tmp_path / f"o-{extra[0]}.jsonl"
+        assert main(["data", "clean", str(raw), "--output", str(out), f"model={tiny_model_dir}", "template=chatml",
+                     "split_max_len=96", *extra]) == 0  # fmt: skip
+        report = json.loads(out.with_suffix(".report.json").read_text())
+        outputs.append((out.read_text(), out.with_suffix(".rejects.jsonl").read_text(),
+                        {k: {**v, "seconds": 0} for k, v in report["steps"].items()}))  # fmt: skip
+    assert outputs[0] == outputs[1]
+    split = outputs[0][2]["split"]
+    assert split["seen"] == 9 and split["changed"] == 5  # the 4 long chats split, the HTML one too long in one exchange
+    assert split["changes"]["pieces made"] > 8
+    assert split["changes"]["pieces still longer than max_len (one long exchange)"] == 1

@@ -90,3 +90,89 @@ def test_missing_file_and_builtin_data(tmp_path):
     assert report.kept == report.total == len(records) == 258
     assert [len(c.turns) for c in convs] == [len(r["conversations"]) for r in records]
     assert sum(len(r["conversations"]) > 2 for r in records) == 61  # multi-turn conversations are in it
+
+
+# ---------------------------------------------------------------------------------------------------------
+# template=auto: one rendering per conversation, the same segments as rendering every prefix
+
+LOCAL_TEMPLATES = {
+    "tiny (default system prompt)": None,  # the test tokenizer's own, SmolLM2's shape
+    "llama3-like (trim, bos)": (
+        "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + "
+        "m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"),
+    "header in the reply's turn (no generation prompt)": (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'assistant: ' + m['content'] + eos_token }}"
+        "{% else %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endif %}{% endfor %}"),
+}  # fmt: skip
+
+
+def auto_format(tiny_tokenizer, template):
+    from transformers import PreTrainedTokenizerFast
+
+    from corral.chat.templates import get_template
+
+    if template is None:
+        return get_template("auto", tiny_tokenizer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer.backend_tokenizer, bos_token="<s>", eos_token="</s>",
+                                  additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+    tok.chat_template = template
+    return get_template("auto", tok)
+
+
+def random_conversation(rng):
+    from corral.chat.conversation import Conversation
+
+    words = ["hi", "assistant", "user", " spaced ", "two\n\nlines", "{braces}", "</s>", "<|eot_id|>", "ok", ""]
+    pairs = []
+    for _ in range(rng.randint(1, 7)):
+        pairs += [("user", " ".join(rng.choice(words) for _ in range(rng.randint(1, 4))).strip() or "q"),
+                  ("assistant", " ".join(rng.choice(words) for _ in range(rng.randint(0, 5))))]
+    return Conversation.from_pairs(*pairs, system=rng.choice([None, None, "Be brief.", ""]))
+
+
+@pytest.mark.parametrize("name", list(LOCAL_TEMPLATES))
+def test_auto_segments_from_one_rendering_equal_the_prefix_renderings(tiny_tokenizer, name):
+    import copy
+    import random
+
+    fmt = auto_format(tiny_tokenizer, LOCAL_TEMPLATES[name])
+    assert fmt._turn_model is not None  # these templates render each message on its own
+    by_prefixes = copy.copy(fmt)
+    by_prefixes._turn_model = None
+    calls = []
+    apply = fmt._apply
+    fmt._apply = lambda messages, add_generation_prompt: calls.append(len(messages)) or apply(messages,
+                                                                                             add_generation_prompt)
+    rng, fast, total = random.Random(name), 0, 0
+    for _ in range(60):
+        conv = random_conversation(rng)
+        for generation in (False, True):
+            messages = conv.messages if not generation else conv.messages[:-1]
+            if not any(m.role == "user" for m in messages):
+                continue
+            probe = type(conv)(messages)
+            calls.clear()
+            assert fmt.segments(probe, generation) == by_prefixes.segments(probe, generation)
+            fast += calls == [len(messages)]  # one rendering, of the whole conversation
+            total += 1
+        assert fmt.render_with_masks(conv) == by_prefixes.render_with_masks(conv)
+    if "trim" in name:  # a reply with spaces at its ends renders trimmed: not the blocks' sum, so by prefixes
+        assert 0 < fast < total
+    else:
+        assert fast == total
+
+
+def test_auto_keeps_refusing_templates_that_are_not_per_message(tiny_tokenizer):
+    from corral.chat.conversation import Conversation
+    from corral.chat.templates import TemplateError
+
+    # Like templates that drop earlier reasoning: an earlier reply renders otherwise once a later turn exists.
+    drops_history = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}[old]{% else %}"
+                     "<{{ m['role'] }}>{{ m['content'] }}</s>{% endif %}{% endfor %}"
+                     "{% if add_generation_prompt %}<assistant>{% endif %}")  # fmt: skip
+    fmt = auto_format(tiny_tokenizer, drops_history)
+    assert fmt._turn_model is None  # no per-message blocks: every prefix is rendered, as before
+    with pytest.raises(TemplateError, match="not a prefix|prefix-consistent"):
+        fmt.render_with_masks(Conversation.from_pairs(("user", "a"), ("assistant", "b"), ("user", "c"),
+                                                      ("assistant", "d")))  # fmt: skip
