@@ -11,6 +11,8 @@ beside them. Five rows, each in its own fresh child process, one after the other
   corral ppo(gae) lora   the same with advantage=gae (a critic: its own LoRA and value head over the base)
   trl RLOOTrainer lora   trl.RLOOTrainer with peft
   trl GRPOTrainer lora   trl.GRPOTrainer with peft
+  corral grpo lora vllm  advantage=grpo with rollout.backend=vllm (CUDA with vllm installed only; not by default
+                         elsewhere)
 
 Same model (smollm2-135m), prompts (a fixed list, chatml template), rule-based reward (`reward_fn`
 below, (prompt, reply) -> float), prompts per step x samples per prompt, reply length cap, sampling
@@ -59,6 +61,7 @@ ROWS = {  # key (for --rows and the child) -> row name in the results
     "corral-gae": "corral ppo(gae) lora",
     "trl-rloo": "trl RLOOTrainer lora",
     "trl-grpo": "trl GRPOTrainer lora",
+    "corral-vllm": "corral grpo lora vllm",
 }
 PAIRS = {"rloo": ("corral-rloo", "trl-rloo"), "grpo": ("corral-grpo", "trl-grpo")}  # the compared rows
 
@@ -84,6 +87,14 @@ PROMPTS = [
 ]
 
 
+def default_rows() -> list[str]:
+    """Every row this machine runs: the vLLM row needs CUDA and the vllm package."""
+    import importlib.util
+
+    vllm = on_cuda() and importlib.util.find_spec("vllm") is not None
+    return [key for key in ROWS if key != "corral-vllm" or vllm]
+
+
 def reward_fn(prompt: str, reply: str) -> float:
     """The rule-based reward every row uses: replies near 20 words score best (1 at exactly 20)."""
     return 1.0 - abs(len(reply.split()) - 20) / 20
@@ -98,7 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=32, help="reply length cap (default 32)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads in every row (default 0: torch's own, one per core)")  # fmt: skip
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    p.add_argument("--rows", default="", help=f"comma-separated subset of {', '.join(ROWS)} (default: all this "
+                   "machine runs; corral-vllm needs CUDA and vllm)")
     p.add_argument("--out", default="", help="results path (default bench/results/ppo.json, or ppo-<gpu>.json on CUDA)")
     p.add_argument("--child", choices=sorted(ROWS), help=argparse.SUPPRESS)  # internal: run one row, in this process
     p.add_argument("--child-result", default="", help=argparse.SUPPRESS)
@@ -113,6 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--threads must be 0 (torch's default) or more")
     if args.samples < 2:
         p.error("--samples must be at least 2: rloo and grpo compare the samples of one prompt")
+    args.rows = args.rows or ",".join(default_rows())
     unknown = [r for r in args.rows.split(",") if r not in ROWS]
     if unknown:
         p.error(f"--rows: unknown {', '.join(unknown)}; known: {', '.join(ROWS)}")
@@ -173,17 +186,20 @@ def write_prompts(path: Path, count: int) -> Path:
 
 
 def run_corral_row(args: argparse.Namespace, advantage: str, workdir: Path) -> dict:
+    """One Corral row; `advantage` "vllm" is grpo with its rollouts sampled by vLLM."""
     from corral.config import PPOConfig
     from corral.recipes import ppo
     from corral.train.metrics import MetricsLog
 
     cuda = on_cuda()
     batch = args.prompts * args.samples
+    backend = "vllm" if advantage == "vllm" else "transformers"
+    advantage = "grpo" if advantage == "vllm" else advantage
     cfg = PPOConfig(
         model=MODEL, template=TEMPLATE, method="lora", reward="bench.ppo:reward_fn", output_dir=str(workdir / "run"),
         dtype="bfloat16" if cuda else "float32", advantage=advantage, steps=args.steps,
         rollout={"prompts_per_step": args.prompts, "samples_per_prompt": args.samples, "temperature": 1.0,
-                 "max_new_tokens": args.max_new_tokens, "top_p": 1.0, "sample_every": 10**9},
+                 "max_new_tokens": args.max_new_tokens, "top_p": 1.0, "sample_every": 10**9, "backend": backend},
         kl={"coef": KL_COEF},
         # one optimizer step per rollout, as TRL's with generation batch = train batch
         update={"clip": CLIP, "epochs": 1, "minibatch": batch},
@@ -370,7 +386,9 @@ def setup_notes(args: argparse.Namespace, cuda: bool) -> str:
         f"(no system prompt) in every row (checked token for token for TRL). KL coefficient {KL_COEF} everywhere "
         f"(TRL beta), so every row computes reference log-probs, with the LoRA adapter disabled; clip {CLIP}; lr "
         f"{LR}, AdamW (torch), weight decay {WEIGHT_DECAY}, grad clip 1.0; seed {SEED}; {precision}; gradient "
-        f"checkpointing off (TRL defaults it on); no vLLM. The algorithms as each framework has them: Corral "
+        f"checkpointing off (TRL defaults it on); vLLM only in the corral grpo lora vllm row (CUDA: the actor's "
+        f"adapter saved and loaded into vLLM before each rollout, outside gen_s: in the step's train_s); no TRL "
+        f"row uses it. The algorithms as each framework has them: Corral "
         f"rloo / grpo put the KL penalty into the sequence reward, take leave-one-out / group-normalised "
         f"advantages and whiten them, and, with one epoch of one mini-batch as here, take the old log-probs (which "
         f"the KL penalty needs) from the update's own forward, detached, instead of a pass of their own; TRL "

@@ -11,9 +11,10 @@ Four rows, each trained in its own fresh child process, one after the other:
 
 Same model (smollm2-135m), data (Corral's built-in preference pairs, chatml template), LoRA (r 16,
 alpha 32, dropout 0, all-linear), batch (pairs per step), max length, optimizer (torch AdamW), learning
-rate and schedule, fp32 on CPU. Per row: real (non-padding) tokens per second of chosen + rejected
-sequences over the steps after `--warmup` (window from the end of the last warmup step to the end of
-the last step), and the child's peak RSS (os.wait4).
+rate and schedule, device and precision (fp32 on CPU; on CUDA bf16 weights and autocast for both, TRL
+off its use_cpu). Per row: real (non-padding) tokens per second of chosen + rejected sequences over the
+steps after `--warmup` (window from the end of the last warmup step to the end of the last step), and
+the child's peak RSS (os.wait4), with its peak GPU memory on CUDA.
 
 Writes bench/results/preference.json (preference-<gpu>.json on CUDA) atomically; `--out` elsewhere.
 """
@@ -33,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # measure this checkout's corral, installed or not
 
 from bench.common import (  # noqa: E402
-    machine_info, results_path, run_row_child, timed_window, versions, write_child_row, write_results)
+    machine_info, on_cuda, results_path, run_row_child, timed_window, versions, write_child_row, write_results)
 
 MODEL = "smollm2-135m"
 TEMPLATE = "chatml"
@@ -74,17 +75,34 @@ def corral_windows(metrics_path: Path, steps: int, warmup: int) -> dict:
     return timed_window(ends, tokens, tokens, warmup)
 
 
+def corral_settings(args, workdir: Path, cuda: bool) -> dict:
+    """The Corral rows' config: fp32 on CPU; bf16 weights and autocast on CUDA, as the TRL rows (`trl_settings`)."""
+    return {
+        "model": MODEL, "template": TEMPLATE, "method": "lora", "output_dir": str(workdir / "run"),
+        "dtype": "bfloat16" if cuda else "float32", "data": {"path": DATA, "eval_fraction": 0.0},
+        "train": {"max_steps": args.steps, "batch_size": args.batch, "max_len": args.max_len, "lr": args.lr,
+                  "warmup_ratio": 0.0, "schedule": "cosine", "max_grad_norm": 1.0, "log_every": 1, "resume": "never",
+                  "seed": SEED, "mixed_precision": "bf16" if cuda else "no"},
+        "lora": LORA,
+    }  # fmt: skip
+
+
+def trl_settings(args, workdir: Path, cuda: bool) -> dict:
+    """TRL's trainer arguments for the same run, on the same device and precision as the Corral rows."""
+    return {
+        "output_dir": str(workdir / "run"), "max_steps": args.steps, "per_device_train_batch_size": args.batch,
+        "learning_rate": args.lr, "lr_scheduler_type": "cosine", "warmup_steps": 0, "weight_decay": 0.0,
+        "max_grad_norm": 1.0, "optim": "adamw_torch", "max_length": args.max_len, "use_cpu": not cuda,
+        "eval_strategy": "no", "save_strategy": "no", "report_to": "none", "seed": SEED, "dataloader_num_workers": 0,
+        "activation_checkpointing": False, "logging_steps": 1,
+        "bf16": cuda,  # TRL defaults to bf16, which a CPU barely runs: fp32 there, as Corral on CPU
+    }  # fmt: skip
+
+
 def run_corral(args, kind: str, workdir: Path) -> dict:
     from corral.config import DPOConfig, RewardConfig
 
-    common = {
-        "model": MODEL, "template": TEMPLATE, "method": "lora", "output_dir": str(workdir / "run"),
-        "data": {"path": DATA, "eval_fraction": 0.0},
-        "train": {"max_steps": args.steps, "batch_size": args.batch, "max_len": args.max_len, "lr": args.lr,
-                  "warmup_ratio": 0.0, "schedule": "cosine", "max_grad_norm": 1.0, "log_every": 1, "resume": "never",
-                  "seed": SEED, "mixed_precision": "no"},
-        "lora": LORA,
-    }  # fmt: skip
+    common = corral_settings(args, workdir, on_cuda())
     if kind == "reward":
         from corral.recipes import reward
 
@@ -117,8 +135,11 @@ def run_trl(args, kind: str, workdir: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
     from corral.chat.templates import get_template
-    from corral.models.load import resolve_model
+    from corral.models.load import attention_implementation, resolve_model
 
+    cuda = on_cuda()
+    dtype = torch.bfloat16 if cuda else torch.float32  # the same device, precision and attention as the Corral rows
+    attention = attention_implementation(torch.device("cuda" if cuda else "cpu"), dtype)
     path = resolve_model(MODEL).path
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.chat_template = get_template(TEMPLATE, tokenizer).chat_template_jinja  # render exactly as Corral
@@ -142,18 +163,12 @@ def run_trl(args, kind: str, workdir: Path) -> dict:
             self.tokens.append(int(sum(v.sum() for k, v in batch.items() if "attention_mask" in k)))
             return batch
 
-    settings = {
-        "output_dir": str(workdir / "run"), "max_steps": args.steps, "per_device_train_batch_size": args.batch,
-        "learning_rate": args.lr, "lr_scheduler_type": "cosine", "warmup_steps": 0, "weight_decay": 0.0,
-        "max_grad_norm": 1.0, "optim": "adamw_torch", "max_length": args.max_len, "use_cpu": True,
-        "eval_strategy": "no", "save_strategy": "no", "report_to": "none", "seed": SEED, "dataloader_num_workers": 0,
-        "activation_checkpointing": False, "logging_steps": 1,
-        "bf16": False,  # TRL defaults to bf16, which this CPU barely runs; fp32 as Corral on CPU
-    }  # fmt: skip
+    settings = trl_settings(args, workdir, cuda)
     if kind == "reward":
         from trl import RewardConfig, RewardTrainer
 
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
+                                                                   attn_implementation=attention)
         model.config.pad_token_id = tokenizer.pad_token_id
         peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                           target_modules=LORA["target_modules"], task_type="SEQ_CLS")
@@ -161,7 +176,7 @@ def run_trl(args, kind: str, workdir: Path) -> dict:
     else:
         from trl import DPOConfig, DPOTrainer
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention)
         peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                           target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
         trainer_cls, config = DPOTrainer, DPOConfig(**settings, beta=args.beta)
@@ -212,7 +227,8 @@ def main(argv=None) -> int:
         "command": " ".join(["python bench/preference.py", *map(shlex.quote, argv)]),
         "date": datetime.date.today().isoformat(), "machine": machine,
         "versions": versions(("corral", "torch", "transformers", "peft", "trl")),
-        "setup": {"model": MODEL, "batch": args.batch, "seq_len": args.max_len, "dtype": "fp32",
+        "setup": {"model": MODEL, "batch": args.batch, "seq_len": args.max_len,
+                  "dtype": "bf16" if on_cuda() else "fp32",
                   "lora": LORA, "steps_timed": args.steps - args.warmup, "warmup": args.warmup,
                   "notes": f"data {DATA} (chatml); batch = pairs per step; tokens = real tokens of chosen + rejected "
                            "sequences (TRL: its collator's attention masks); DPO beta "

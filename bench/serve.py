@@ -230,10 +230,22 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+def gpu_memory_mb(pid: int) -> float | None:
+    """GPU memory the process `pid` holds now, from nvidia-smi (None without a GPU or nvidia-smi)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    used = [float(mb) for line in out.splitlines() if "," in line for p, mb in [line.split(",", 1)] if int(p) == pid]
+    return sum(used) if used else None
+
+
 def measure(name: str, cmd: list[str], port: int, model: str, args, pool: list[str], extra: dict | None = None,
             cwd: Path | None = None) -> dict:
     proc = start_server(cmd, port, cwd)
     url = f"http://127.0.0.1:{port}"
+    gpu: list[float] = []
     try:
         asyncio.run(run_level(url, model, 1, pool[:1], args.max_tokens, extra))  # warm-up, not recorded
         levels = []
@@ -244,17 +256,22 @@ def measure(name: str, cmd: list[str], port: int, model: str, args, pool: list[s
                   f"TTFT p50 {level['ttft_p50_s']:.2f}s p95 {level['ttft_p95_s']:.2f}s "
                   f"({level['requests']} requests, {level['wall_s']:.0f}s)", flush=True)
             levels.append(level)
+            # After each level: torch's caching allocator keeps what the level reserved, so this holds its peak.
+            if (used := gpu_memory_mb(proc.pid)) is not None:
+                gpu.append(used)
         rss = peak_rss_mb(proc.pid)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    return {"name": name, "levels": levels, "peak_rss_mb": rss}
+    return {"name": name, "levels": levels, "peak_rss_mb": rss, **({"peak_gpu_mb": max(gpu)} if gpu else {})}
 
 
 def level_rows(measured: dict) -> list[dict]:
     return [{"name": f"{measured['name']} @{level['clients']}",
              **{k: v for k, v in level.items() if k not in ("replies", "clients")},
-             "peak_rss_mb": measured["peak_rss_mb"]} for level in measured["levels"]]  # fmt: skip
+             "peak_rss_mb": measured["peak_rss_mb"],
+             **({"peak_gpu_mb": measured["peak_gpu_mb"]} if "peak_gpu_mb" in measured else {})}
+            for level in measured["levels"]]  # fmt: skip
 
 
 def valid_reply(text: str) -> bool:

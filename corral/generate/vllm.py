@@ -15,6 +15,7 @@ import asyncio
 import json
 import threading
 import uuid
+from pathlib import Path
 
 from corral.generate.sampling import SamplingParams, per_prompt
 from corral.generate.types import (
@@ -40,6 +41,39 @@ def _require_vllm():
     return vllm
 
 
+# vLLM's `max_lora_rank` is one of these (vllm.config.lora.MaxLoRARanks); any other value fails its config check.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds adapters of rank `rank` (12 -> 16, 48 -> 64)."""
+    for allowed in VLLM_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise ValueError(f"LoRA rank {rank} is above the largest vLLM serves ({VLLM_LORA_RANKS[-1]})")
+
+
+def adapter_rank(folder: str | Path) -> int:
+    """The largest LoRA rank in a peft adapter folder (`r`, or a per-module `rank_pattern` above it)."""
+    config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    return max([int(config.get("r") or 0), *map(int, (config.get("rank_pattern") or {}).values())])
+
+
+def engine_args(model_path: str, adapters: list[tuple[str, str]] = (), dtype: str = "auto", max_batch: int = 256,
+                max_len: int | None = None, enable_lora: bool = False, max_lora_rank: int = 16,
+                gpu_memory_utilization: float = 0.9) -> dict:
+    """vLLM's AsyncEngineArgs as a dict. `max_lora_rank` is raised to the adapters' own ranks and rounded up to one vLLM
+    accepts; `max_len` (None: the model's own context) caps the KV cache vLLM must fit in its memory share at
+    start-up, which a long-context model's full length may not."""
+    lora = enable_lora or bool(adapters)
+    rank = max([max_lora_rank, *(adapter_rank(path) for _, path in adapters)])
+    args = {"model": model_path, "dtype": dtype, "max_num_seqs": max_batch, "max_model_len": max_len,
+            "enable_lora": lora, "gpu_memory_utilization": gpu_memory_utilization}  # fmt: skip
+    if lora:
+        args |= {"max_loras": max(1, len(adapters)), "max_lora_rank": vllm_lora_rank(rank)}
+    return args
+
+
 class VLLMEngine:
     def __init__(self, model_path: str, adapters: list[tuple[str, str]] = (), dtype: str = "auto",
                  max_batch: int = 256, max_len: int | None = None, enable_lora: bool = False,
@@ -57,11 +91,8 @@ class VLLMEngine:
         self._in_flight = 0  # replies submitted and not finished (vLLM queues and schedules them itself)
         self._loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(adapters)}
         self._next_lora_id = len(adapters)
-        args = vllm.AsyncEngineArgs(
-            model=model_path, dtype=dtype if dtype != "float32" else "float32", max_num_seqs=max_batch,
-            max_model_len=max_len, enable_lora=enable_lora or bool(adapters), max_loras=max(1, len(adapters)),
-            max_lora_rank=max_lora_rank, gpu_memory_utilization=gpu_memory_utilization,
-        )  # fmt: skip
+        args = vllm.AsyncEngineArgs(**engine_args(model_path, adapters, dtype, max_batch, max_len, enable_lora,
+                                                  max_lora_rank, gpu_memory_utilization))  # fmt: skip
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="corral-vllm", daemon=True)
         self._thread.start()
@@ -80,12 +111,18 @@ class VLLMEngine:
         return EngineStats(running=self._in_flight, waiting=0)
 
     def load_adapter(self, name: str, path: str) -> None:
-        """(Re)load the LoRA adapter saved at `path` as `name`. A fresh id makes vLLM read the new weights:
-        this is how PPO syncs its actor into the rollout engine after each update."""
+        """Load the LoRA adapter saved at `path` as `name`, with a fresh id so vLLM reads the files. Give new weights a
+        new name: vLLM's prefix cache is keyed by the adapter's name, so prompts cached under an adapter's old
+        weights would be served to its new ones (PPO names each sync of its actor `actor-<step>`)."""
         from vllm.lora.request import LoRARequest
 
         self._next_lora_id += 1
         self._loras[name] = LoRARequest(name, self._next_lora_id, path)
+
+    def remove_adapter(self, name: str) -> None:
+        """Forget adapter `name` and drop it from vLLM's adapter cache."""
+        lora = self._loras.pop(name)
+        asyncio.run_coroutine_threadsafe(self._engine.remove_lora(lora.lora_int_id), self._loop).result(timeout=60)
 
     def _vllm_params(self, params: SamplingParams):
         from vllm import SamplingParams as VParams
@@ -151,8 +188,17 @@ class VLLMEngine:
         return [s.collect() for s in streams]
 
     def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=30)
+        """Shut vLLM down (its engine process and the GPU memory it holds), then our event loop: a second engine in
+        this process, as the next stage of a pipeline or test starts one, finds the memory free."""
+
+        async def shutdown():
+            self._engine.shutdown()
+
+        try:
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=60)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
 
 
 def _structured(fmt) -> dict:

@@ -14,8 +14,23 @@ def unwrap(model):
     return model
 
 
-def output_head(model) -> torch.nn.Module:
-    return unwrap(model).get_output_embeddings()
+def output_head(model):
+    """The output head, to run on the hidden states the forward returned (at the positions with a target only).
+
+    Under FSDP2 the head belongs to a sharded group (with the tied embedding and the final norm) whose hooks run
+    whenever one of its modules is called. Called after the forward, the head would register that group's
+    post-backward on its own input, which reshards the weights as soon as the head's backward is done, before the
+    norm and the embedding have run theirs. So there its weights are applied as a plain function: after the forward
+    they are still gathered (accelerate leaves that group unsharded until the backward), and the group's
+    post-backward runs once, at the end of the backward.
+    """
+    head = unwrap(model).get_output_embeddings()
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(head, FSDPModule):
+            return lambda hidden: torch.nn.functional.linear(hidden, head.weight, head.bias)
+    return head
 
 
 def final_hidden(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:

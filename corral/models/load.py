@@ -40,22 +40,44 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def native_bf16() -> bool:
+    """A CUDA GPU that computes in bf16 natively (Ampere and later). `is_bf16_supported()` alone also says yes on
+    V100 / T4, where bf16 is emulated through fp32 and several times slower than fp16."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_dtype(dtype: str, device: torch.device | None = None) -> torch.dtype:
-    """`auto`: float32 on CPU (bf16 matmuls are slow there), bf16 on GPUs that support it, else fp16."""
+    """`auto`: float32 on CPU (bf16 matmuls are slow there), bf16 on GPUs that compute in it natively, else fp16."""
     if dtype != "auto":
         return getattr(torch, dtype)
     device = device or default_device()
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16() else torch.float16
     return torch.float32
 
 
-def attention_implementation(device: torch.device) -> str:
-    if device.type == "cuda":
-        with contextlib.suppress(ImportError):
-            import flash_attn  # noqa: F401
+def master_dtype(dtype: str) -> str:
+    """The `dtype` to load weights in that an optimizer updates (full fine-tuning, a full critic): float32 master
+    weights, with train.mixed_precision's autocast doing the bf16 / fp16 compute. AdamW on bf16 weights drops updates
+    smaller than 1/256 of a weight (most of them at a learning rate of 1e-5), and the fp16 loss scaler refuses to
+    unscale fp16 gradients. bf16 weights (and optimizer state) only when asked for with dtype=bfloat16."""
+    return "bfloat16" if dtype == "bfloat16" else "float32"
 
-            return "flash_attention_2"
+
+def attention_implementation(device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """flash-attention 2 where it runs: installed, a CUDA GPU of compute capability 8.0 or later (it has no kernels
+    for older ones), fp16 / bf16 weights (it refuses fp32 activations: fp32 weights run outside autocast in
+    rollouts and evaluation). SDPA everywhere else. `dtype` None: what `dtype=auto` gives on `device`."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "sdpa"
+    dtype = dtype or resolve_dtype("auto", device)
+    if dtype not in (torch.float16, torch.bfloat16) or torch.cuda.get_device_capability(device) < (8, 0):
+        return "sdpa"
+    with contextlib.suppress(ImportError):
+        import flash_attn  # noqa: F401
+
+        return "flash_attention_2"
     return "sdpa"
 
 
@@ -189,7 +211,7 @@ def load_model(
     device = torch.device(device) if device is not None else default_device()
     resolved = resolve_model(name)
     torch_dtype = resolve_dtype(dtype, device)
-    kwargs: dict = {"dtype": torch_dtype, "attn_implementation": attention_implementation(device)}
+    kwargs: dict = {"dtype": torch_dtype, "attn_implementation": attention_implementation(device, torch_dtype)}
     if head == "score":
         kwargs["num_labels"] = 1
         if pad_token_id is not None:
@@ -217,17 +239,21 @@ def load_model(
     return model
 
 
-def save_model(model, tokenizer, template, folder: str | Path, card: dict | None = None) -> Path:
+def save_model(model, tokenizer, template, folder: str | Path, card: dict | None = None,
+               state_dict: dict | None = None) -> Path:
     """Write `model` as a standard folder, atomically: a peft adapter or a full safetensors HF model, the
     tokenizer with `template`'s Jinja as its chat_template (so plain transformers and vLLM prompt as Corral
     trained; None keeps the tokenizer's), and a model card (README.md) from `card` (what made it, see
-    `model_card`). An adapter names its base by `hub_name`, so the folder still finds it on another machine."""
+    `model_card`). An adapter names its base by `hub_name`, so the folder still finds it on another machine.
+    `state_dict`: the model's full weights gathered from every process (FSDP, ZeRO-3), whose own parameters are
+    only this process's shard; peft picks the adapter's out of it."""
     from corral.models.forward import unwrap
 
     model = unwrap(model)
     saved_template = tokenizer.chat_template
     with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        extra = {"state_dict": state_dict} if state_dict is not None else {}
+        model.save_pretrained(tmp, safe_serialization=True, **extra)
         _name_bases_portably(tmp)
         if template is not None and getattr(template, "chat_template_jinja", None):
             tokenizer.chat_template = template.chat_template_jinja

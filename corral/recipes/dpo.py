@@ -27,7 +27,7 @@ from corral.data.pack import Row, collate, single_rows
 from corral.data.preference import PreferencePair
 from corral.models.adapters import add_lora, is_adapter, trainable_parameter_count
 from corral.models.forward import final_hidden, output_head, unwrap
-from corral.models.load import load_model, load_tokenizer
+from corral.models.load import load_model, load_tokenizer, master_dtype
 from corral.recipes.runs import RecipeResult, begin_run, data_of, saver, preference_rows, train_summary
 from corral.train.loop import train
 from corral.train.losses import preference_loss, sequence_logps
@@ -149,7 +149,8 @@ def run(cfg: DPOConfig) -> RecipeResult:
     rows, eval_rows = preference_rows(cfg.data, template, cfg.train.max_len, cfg.train.seed, pairs_to_rows, log)
 
     device = accelerator.device
-    model = load_model(cfg.model, dtype=cfg.dtype, device=device)
+    # Full fine-tuning keeps float32 master weights (bf16 only when asked): autocast does the low-precision compute.
+    model = load_model(cfg.model, dtype=master_dtype(cfg.dtype) if cfg.method == "full" else cfg.dtype, device=device)
     if is_adapter(model):
         raise ValueError(f"model={cfg.model} is an adapter folder; merge it first (corral merge) to train on top of it")
     pad_id = tokenizer.pad_token_id
@@ -183,7 +184,8 @@ def run(cfg: DPOConfig) -> RecipeResult:
         after = evaluate_pairs(model, eval_rows, pad_id, cfg.train.batch_size, device, ref_model, cfg.beta) if eval_rows else None
         card["metrics"] = {"train loss": result.last_loss, "steps": result.steps,
                            **({f"held-out {k}": v for k, v in after.items()} if after else {})}  # fmt: skip
-        save(model, model_dir)
+    result.save(model_dir)  # every process: under FSDP / ZeRO-3 the weights are gathered from all of them
+    if main:
         if eval_rows:
             stats = {"before": before, "after": after}
             append_line(result.metrics_path, json.dumps({"step": result.steps, **{f"eval_{k}": v for k, v in after.items()}}))

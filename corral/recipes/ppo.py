@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import resource
 import shutil
 import time
@@ -29,7 +30,7 @@ from corral.chat.templates import get_template
 from corral.config import PPOConfig
 from corral.generate.sampling import SamplingParams
 from corral.models.forward import unwrap
-from corral.models.load import load_tokenizer, resolve_model
+from corral.models.load import load_tokenizer, resolve_dtype, resolve_model
 from corral.recipes.runs import RecipeResult, begin_run, data_of, saver, system_prompt_policy
 from corral.train.harness import Harness
 from corral.train.loop import StepPlan, optim_values
@@ -47,6 +48,7 @@ def run(cfg: PPOConfig) -> RecipeResult:
     accelerator, out, main, log = run_.accelerator, run_.out, run_.main, run_.log
     rank, world = accelerator.process_index, accelerator.num_processes
     check_batch_shapes(cfg, world)
+    check_scale_out(cfg, accelerator)
     tokenizer = load_tokenizer(cfg.model)
     template = get_template(cfg.template, tokenizer)
     prompts = read_rl_prompts(cfg, template, log)
@@ -66,6 +68,7 @@ def run(cfg: PPOConfig) -> RecipeResult:
     ptx = make_ptx(cfg, template, tokenizer.pad_token_id, log)
     rollout = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
     engine, sync = make_rollout_engine(cfg, unwrap(actor.model), tokenizer, rollout // world, out)
+    rows_per_forward = max(1, cfg.update.minibatch // world)  # the update's own forward size, with a graph
     settings = PPOSettings(advantage=cfg.advantage, **cfg.update.model_dump(exclude={"no_eos_penalty"}))
     params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                             top_p=cfg.rollout.top_p)  # fmt: skip
@@ -81,17 +84,17 @@ def run(cfg: PPOConfig) -> RecipeResult:
         mine = plan.micro_batches(step - 1, rank)[0]
         first = rank * len(mine)  # this process's first slot among the step's prompts
         seeds = [cfg.train.seed * 1_000_003 + step * 10_007 + first + j for j in range(len(mine))]
-        if sync is not None:
-            sync(step)
+        adapter = sync(step) if sync is not None else None
         t0 = time.perf_counter()
         samples = sample_replies(engine, template, [prompts[i] for i in mine], params, k=cfg.rollout.samples_per_prompt,
-                                 seeds=seeds, adapter="actor" if sync else None)  # fmt: skip
+                                 seeds=seeds, adapter=adapter)  # fmt: skip
         t1 = time.perf_counter()
         scores = gather_scores(score_samples(roles.scorer, samples, cfg.update.no_eos_penalty), world)
         samples = gather_samples(samples, accelerator)
         with accelerator.autocast():
             exp = make_experience(actor.model, samples, scores, kl, settings, tokenizer.pad_token_id,
-                                  ref_model=roles.ref_model, critic=critic.model if critic else None)  # fmt: skip
+                                  ref_model=roles.ref_model, critic=critic.model if critic else None,
+                                  rows_per_forward=rows_per_forward)  # fmt: skip
             stats = ppo_update(actor.model, actor.step, exp, settings, critic=critic.model if critic else None,
                                critic_step=critic.step if critic else None, accelerator=accelerator,
                                ptx_fn=(lambda key, r, w, s=step: ptx(actor.model, s * 1000 + key, r, w)) if ptx else None,
@@ -108,6 +111,8 @@ def run(cfg: PPOConfig) -> RecipeResult:
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.steps:
             checkpoint(harness, step, cfg)
     bar.close()
+    if hasattr(engine, "close") and sync is not None:  # vLLM: its engine process and GPU memory
+        engine.close()
     checkpoint(harness, cfg.steps, cfg)
     if main:  # the actor, and its EMA, as loadable folders (an adapter over the original base, or a full model)
         last = harness.metrics.read()[-1]
@@ -126,12 +131,14 @@ def add_trained(harness: Harness, roles, save, cfg: PPOConfig):
     steps: steps x epochs x mini-batches per rollout."""
     rollout = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
     updates = cfg.steps * cfg.update.epochs * math.ceil(rollout / cfg.update.minibatch)
-    actor = harness.add("model", roles.actor, save=save, total_steps=updates, **optim_values(cfg.actor))
+    rows = max(1, cfg.update.minibatch // harness.accelerator.num_processes)  # per process and backward
+    actor = harness.add("model", roles.actor, save=save, total_steps=updates, micro_batch=rows,
+                        **optim_values(cfg.actor))
     if roles.critic is None:
         return actor, None
     # The checkpoint's critic/ folder is the score model inside the Critic wrapper: a standard folder.
-    critic = harness.add("critic", roles.critic, save=save, total_steps=updates, weights=lambda c: c.model,
-                         **optim_values(cfg.critic))  # fmt: skip
+    critic = harness.add("critic", roles.critic, save=save, total_steps=updates, micro_batch=rows,
+                         weights=lambda c: c.model, **optim_values(cfg.critic))  # fmt: skip
     return actor, critic
 
 
@@ -152,6 +159,22 @@ def check_batch_shapes(cfg: PPOConfig, world: int) -> None:
                          f"samples ({rollout}) a multiple of update.minibatch")  # fmt: skip
     if cfg.ptx.coef and cfg.ptx.path and cfg.ptx.batch % world:
         raise ValueError(f"ptx.batch ({cfg.ptx.batch}) must be a multiple of the {world} processes")
+    if cfg.rollout.backend == "vllm" and world > 1:
+        raise ValueError(f"rollout.backend=vllm runs in one process (got {world}): every process's vLLM would start on "
+                         "the same GPU and sync its adapter into the same folder; run PPO in one process, or with "
+                         "rollout.backend=transformers under accelerate launch")  # fmt: skip
+
+
+def check_scale_out(cfg: PPOConfig, accelerator) -> None:
+    """PPO runs as one process or under DDP. FSDP would shard the actor's base weights, which the reference, reward
+    model and critic read as they are (they share that one copy); DeepSpeed prepares one trained model per run, and
+    PPO trains the actor and a critic."""
+    from corral.train.harness import weights_sharded
+
+    if weights_sharded(accelerator):
+        raise ValueError(f"corral ppo runs in one process or data-parallel (accelerate launch --multi_gpu), not "
+                         f"under {accelerator.distributed_type.value}: its roles share one unsharded copy of the base "
+                         "weights")
 
 
 def prompt_of(conv: Conversation) -> Conversation | None:
@@ -199,20 +222,42 @@ def make_rollout_engine(cfg: PPOConfig, actor, tokenizer, max_batch: int, out: P
 
     if cfg.method != "lora":
         raise ValueError("rollout.backend=vllm needs method=lora: the actor is synced to vLLM as a LoRA adapter")
-    engine = VLLMEngine(resolve_model(cfg.model).path, dtype=cfg.dtype, max_batch=max_batch, enable_lora=True,
-                        max_lora_rank=max(8, actor.peft_config["default"].r),
-                        gpu_memory_utilization=cfg.rollout.vllm_gpu_memory)  # fmt: skip
-    sync_dir = out / "rollout_adapter"
+    # vLLM samples in the actor's own dtype (its `auto` would pick fp16 for a float32 checkpoint); its LoRA kernels
+    # have no float32.
+    dtype = str(resolve_dtype(cfg.dtype)).removeprefix("torch.")
+    if dtype == "float32":
+        raise ValueError("rollout.backend=vllm needs dtype=bfloat16 or float16 (vLLM's LoRA kernels have no float32)")
+    engine = VLLMEngine(resolve_model(cfg.model).path, dtype=dtype, max_batch=max_batch, enable_lora=True,
+                        max_lora_rank=actor.peft_config["default"].r,
+                        gpu_memory_utilization=cfg.rollout.vllm_gpu_memory,
+                        max_len=cfg.data.max_prompt_len + cfg.rollout.max_new_tokens)  # fmt: skip
+    return engine, AdapterSync(engine, actor, out / "rollout_adapter")
 
-    def sync(step: int) -> None:
-        folder = sync_dir / f"step-{step:06d}"
+
+class AdapterSync:
+    """`sync(step)` before each vLLM rollout: the actor's adapter saved to `rollout_adapter/step-N` and loaded into
+    vLLM as `actor-N`, the one before dropped. A name of its own per sync: vLLM keys its prefix cache by the adapter's
+    name, and would serve prompts cached under the previous weights to the new ones. Returns the name to sample with."""
+
+    STEP = re.compile(r"^step-\d{6}$")  # complete folders only, never another one's `.tmp-PID` staging folder
+
+    def __init__(self, engine, actor, folder: Path):
+        self.engine, self.actor, self.folder = engine, actor, folder
+        self.loaded: str | None = None
+
+    def __call__(self, step: int) -> str:
+        folder = self.folder / f"step-{step:06d}"
         with atomic_dir(folder) as tmp:
-            actor.save_pretrained(tmp, safe_serialization=True)
-        engine.load_adapter("actor", str(folder))
-        for old in sorted(sync_dir.glob("step-*"))[:-2]:  # vLLM may still read the previous one
+            self.actor.save_pretrained(tmp, safe_serialization=True)
+        name = f"actor-{step}"
+        self.engine.load_adapter(name, str(folder))
+        if self.loaded is not None and self.loaded != name:
+            self.engine.remove_adapter(self.loaded)
+        self.loaded = name
+        complete = sorted(p for p in self.folder.iterdir() if self.STEP.match(p.name))
+        for old in complete[:-2]:  # vLLM may still read the previous one
             shutil.rmtree(old, ignore_errors=True)
-
-    return engine, sync
+        return name
 
 
 def gather_scores(scores: torch.Tensor, world: int) -> torch.Tensor:
@@ -276,6 +321,8 @@ def summarize(metrics: MetricsLog, roles, out: Path, with_ema: bool, log) -> dic
     memory = {"role_weights_mib": role_bytes / 2**20, "base_copy_mib": roles.base_bytes / 2**20,
               "role_weights_vs_base": role_bytes / roles.base_bytes, "peak_rss_mib": peak_rss,
               "peak_rss_vs_base": peak_rss / (roles.base_bytes / 2**20)}  # fmt: skip
+    if torch.cuda.is_available():  # this process's tensors (vLLM's own process is not counted)
+        memory["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     rows = metrics.read() if metrics.enabled else []
     first, last = (rows[0], rows[-1]) if rows else ({}, {})
     if metrics.enabled:

@@ -22,7 +22,7 @@ from corral.chat.templates import get_template
 from corral.config import RewardConfig, RewardScoreConfig
 from corral.data.preference import PreferencePair, read_preferences
 from corral.models.adapters import add_lora, trainable_parameter_count
-from corral.models.load import load_model, load_tokenizer
+from corral.models.load import load_model, load_tokenizer, master_dtype
 from corral.models.reward import sequence_scores
 from corral.recipes.runs import RecipeResult, begin_run, data_of, saver, preference_rows, train_summary
 from corral.train.loop import train
@@ -97,7 +97,9 @@ def evaluate_pairs(model, rows: list[PairRow], pad_id: int, batch_size: int, dev
 
 
 def prepare_model(cfg: RewardConfig, pad_id: int, device):
-    model = load_model(cfg.model, dtype=cfg.dtype, device=device, head="score", pad_token_id=pad_id)
+    # Full fine-tuning keeps float32 master weights (bf16 only when asked): autocast does the low-precision compute.
+    dtype = master_dtype(cfg.dtype) if cfg.method == "full" else cfg.dtype
+    model = load_model(cfg.model, dtype=dtype, device=device, head="score", pad_token_id=pad_id)
     if cfg.method == "lora":
         model = add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules,
                          task_type="SEQ_CLS", modules_to_save=["score"])
@@ -130,7 +132,8 @@ def run(cfg: RewardConfig) -> RecipeResult:
             stats = evaluate_pairs(model, eval_rows, pad_id, cfg.train.batch_size, accelerator.device)
         card["metrics"] = {"train loss": result.last_loss, "steps": result.steps,
                            **({f"held-out {k}": v for k, v in stats.items()} if stats else {})}  # fmt: skip
-        save(model, model_dir)
+    result.save(model_dir)  # every process: under FSDP / ZeRO-3 the weights are gathered from all of them
+    if main:
         if stats:
             append_line(result.metrics_path, json.dumps({"step": result.steps, **{f"eval_{k}": v for k, v in stats.items()}}))
             atomic_write_text(out / "eval.json", json.dumps(stats, indent=2) + "\n")

@@ -58,10 +58,12 @@ def data_of(data) -> str:
 
 def saver(tokenizer, template, card: dict):
     """`save(model, folder)` for this run's model folders: checkpoints and final models alike (`save_model`).
-    `card` is read at each save, so a recipe adds its final `metrics` to it before the final save."""
+    `card` is read at each save, so a recipe adds its final `metrics` to it before the final save. `state_dict`:
+    the full weights gathered under FSDP / ZeRO-3 (the harness's `Trained.save_to`)."""
     from corral.models.load import save_model
 
-    return lambda model, folder: save_model(model, tokenizer, template, folder, card=card)
+    return lambda model, folder, state_dict=None: save_model(model, tokenizer, template, folder, card=card,
+                                                             state_dict=state_dict)
 
 
 @dataclass
@@ -77,7 +79,7 @@ def begin_run(cfg, command: str, seed: int | None = None, mixed_precision: str |
     (`seed` and `mixed_precision` default to the config's `train` section)."""
     from accelerate.utils import set_seed
 
-    accelerator = make_accelerator(mixed_precision or cfg.train.mixed_precision)
+    accelerator = make_accelerator(mixed_precision or cfg.train.mixed_precision, getattr(cfg, "dtype", "auto"))
     main = accelerator.is_main_process
     out = Path(cfg.output_dir)
     log = print if main else (lambda *a, **k: None)

@@ -10,9 +10,9 @@ from corral.data.clean import conversations_to_samples
 from corral.data.formats import read_conversations
 from corral.data.mix import load_records
 from corral.data.pack import collate, pack_rows, single_rows
-from corral.models.adapters import add_lora, add_prefix, is_adapter, trainable_parameter_count
-from corral.models.forward import final_hidden, output_head
-from corral.models.load import load_model, load_tokenizer
+from corral.models.adapters import add_lora, add_prefix, is_adapter, trainable_parameter_count, uses_prefix
+from corral.models.forward import final_hidden, output_head, unwrap
+from corral.models.load import load_model, load_tokenizer, master_dtype
 from corral.recipes.runs import RecipeResult, begin_run, data_of, saver, system_prompt_policy, split_eval, train_summary
 from corral.train.loop import train
 from corral.train.losses import token_nll_sum
@@ -20,13 +20,30 @@ from corral.train.losses import token_nll_sum
 
 def sft_loss(model, batch):
     """Summed next-token loss over assistant tokens, and their count."""
-    hidden = final_hidden(model, batch["input_ids"], batch["position_ids"])
+    input_ids, position_ids = batch["input_ids"], batch["position_ids"]
+    rows, length = input_ids.shape
+    if rows > 1 and flash_attention_2(model) and not uses_prefix(unwrap(model)):
+        # flash-attention 2 takes no attention mask: transformers splits attention at the samples packed in a row
+        # (where the position ids restart) only for a batch of one row, and runs plain causal attention over each
+        # row otherwise, every sample seeing the ones packed before it. So the rows go in as one row: every row
+        # and every packed sample starts at position 0, a segment of its own. (Padding continues the positions of
+        # its row's last sample: it stays in that segment, after every real token, and has no targets.)
+        flat = final_hidden(model, input_ids.reshape(1, -1), position_ids.reshape(1, -1))
+        hidden = flat.view(rows, length, -1)
+    else:
+        hidden = final_hidden(model, input_ids, position_ids)
     return token_nll_sum(hidden, output_head(model), batch["targets"])
+
+
+def flash_attention_2(model) -> bool:
+    return getattr(unwrap(model).config, "_attn_implementation", None) == "flash_attention_2"
 
 
 def prepare_model(cfg: SFTConfig, device):
     quant_bits = cfg.quant.bits if cfg.method == "qlora" else None
-    model = load_model(cfg.model, dtype=cfg.dtype, device=device, quant_bits=quant_bits)
+    # Full fine-tuning keeps float32 master weights (bf16 only when asked): autocast does the low-precision compute.
+    dtype = master_dtype(cfg.dtype) if cfg.method == "full" else cfg.dtype
+    model = load_model(cfg.model, dtype=dtype, device=device, quant_bits=quant_bits)
     if is_adapter(model):
         raise ValueError(f"model={cfg.model} is an adapter folder; merge it first (corral merge) to train on top of it")
     if cfg.method in ("lora", "qlora"):
@@ -41,7 +58,7 @@ def prepare_model(cfg: SFTConfig, device):
 
 def run(cfg: SFTConfig) -> RecipeResult:
     run_ = begin_run(cfg, "sft")
-    accelerator, out, main, log = run_.accelerator, run_.out, run_.main, run_.log
+    accelerator, out, log = run_.accelerator, run_.out, run_.log
     tokenizer = load_tokenizer(cfg.model)
     template = get_template(cfg.template, tokenizer)
     reader = partial(read_conversations, data_format=cfg.data.format, skip_invalid=cfg.data.skip_invalid)
@@ -86,9 +103,8 @@ def run(cfg: SFTConfig) -> RecipeResult:
         eval_rows=eval_rows, config=cfg.model_dump(mode="json"),
     )  # fmt: skip
     model_dir = out / "model"
-    if main:
-        card["metrics"] = {"train loss": result.last_loss, "eval loss": result.eval_loss, "steps": result.steps}
-        save(model, model_dir)
-        log(f"final model: {model_dir}\nmetrics: {result.metrics_path}\nloss curve: {out / 'loss.png'}")
+    card["metrics"] = {"train loss": result.last_loss, "eval loss": result.eval_loss, "steps": result.steps}
+    result.save(model_dir)  # every process: under FSDP / ZeRO-3 the weights are gathered from all of them
+    log(f"final model: {model_dir}\nmetrics: {result.metrics_path}\nloss curve: {out / 'loss.png'}")
     accelerator.wait_for_everyone()
     return RecipeResult(model_dir, train_summary(result))

@@ -5,7 +5,9 @@
         trainer_state/   accelerate state (optimizer, scheduler, RNG of every process) + state.json
 
 A checkpoint is written to `step-N.tmp` by every process, then renamed by the main process: a
-folder named `step-N` is always complete. `resume: auto` picks the newest one.
+folder named `step-N` is always complete. `resume: auto` picks the newest one. Under FSDP and DeepSpeed,
+`trainer_state/` also holds accelerate's sharded copy of the model (which resume reads), and `model/` is
+written from the weights gathered from every process.
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ def find_resume(output_dir: str | Path, resume: str) -> Path | None:
 
 
 def install_state_hooks(accelerator) -> None:
-    """Model weights live in the standard `model/` folder; keep accelerate from writing a second copy."""
+    """Model weights live in the standard `model/` folder; keep accelerate from writing a second copy. (FSDP and
+    DeepSpeed save and load the model in `save_state` / `load_state` whatever these hooks say: there the sharded
+    copy in `trainer_state/` is the one resume reads.)"""
     accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
     accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
 
@@ -59,18 +63,18 @@ def install_state_hooks(accelerator) -> None:
 def save_checkpoint(accelerator, step: int, output_dir: str | Path, folders: dict[str, Callable[[Path], None]],
                     state: dict, keep: int) -> Path:
     """`checkpoints/step-N`: each of `folders` (name -> writer of a standard model folder: `model`, PPO's
-    `critic`), written by the main process, and `trainer_state/` by every process (its own RNG state). The
-    folder is complete before it takes the name `step-N`; an existing one is replaced without a moment
-    with neither (`replace_dir`). Only the newest `keep` checkpoints stay."""
+    `critic`; called on every process, it gathers sharded weights and writes on the main process), and
+    `trainer_state/` by every process (its own RNG state). The folder is complete before it takes the name
+    `step-N`; an existing one is replaced without a moment with neither (`replace_dir`). Only the newest `keep`
+    checkpoints stay."""
     final = checkpoints_dir(output_dir) / f"step-{step:06d}"
     staging = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for name, write in folders.items():
-            write(staging / name)
+    for name, write in folders.items():
+        write(staging / name)
     accelerator.save_state(str(staging / "trainer_state"))  # every process writes its own RNG state
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

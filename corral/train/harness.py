@@ -3,7 +3,7 @@
 SFT, reward, DPO (through `train/loop.py`) and PPO (in its recipe) all use it with plain values:
 
     harness = Harness(accelerator, out, save_total_limit=..., resume=..., report_to=...)
-    actor = harness.add("model", model, save=..., total_steps=..., lr=..., schedule=..., max_grad_norm=...)
+    actor = harness.add("model", model, save=..., total_steps=..., micro_batch=..., lr=..., max_grad_norm=...)
     start = harness.resume()                    # loads every module's weights and the accelerate state
     for step in range(start, total):
         ... loss.backward() ...                 # the recipe's own step
@@ -15,6 +15,11 @@ It owns optimizer and schedule creation (`train/optim.py`), gradient clipping (`
 norm still logged), accelerate's `prepare`, the extra state that a checkpoint carries (a KL controller, an EMA),
 resume, the checkpoint call, and the metrics log with its trackers. Mixed precision is the accelerator's
 (`make_accelerator`), so every recipe gets it the same way.
+
+Under FSDP and DeepSpeed (`accelerate launch --config_file corral/configs/accelerate_*.yaml`) each process holds a
+share of the weights: accelerate's `save_state` / `load_state` write and read the sharded model with the
+optimizer, and a standard model folder is written from the full weights gathered on every process
+(`Trained.save_to`, which every process must call). See docs/scaling.md for what has run where.
 """
 
 from __future__ import annotations
@@ -30,14 +35,58 @@ from corral.train.metrics import MetricsLog
 from corral.train.optim import make_optimizer, make_scheduler
 
 
-def make_accelerator(mixed_precision: str = "auto"):
+def auto_mixed_precision(dtype: str = "auto") -> str:
+    """`train.mixed_precision=auto`: none on CPU; fp16 autocast when fp16 weights were asked for (`dtype=float16`);
+    bf16 on GPUs that compute in it natively (Ampere and later); fp16 with loss scaling on older GPUs (V100, T4),
+    where bf16 is only emulated."""
+    from corral.models.load import native_bf16
+
+    if not torch.cuda.is_available():
+        return "no"
+    if dtype == "float16":
+        return "fp16"
+    return "bf16" if native_bf16() else "fp16"
+
+
+def make_accelerator(mixed_precision: str = "auto", dtype: str = "auto"):
     from accelerate import Accelerator
 
     if mixed_precision == "auto":
-        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        mixed_precision = auto_mixed_precision(dtype)
     # cpu=True on a machine without CUDA: accelerate then sets up multi-process CPU runs (gloo) when
     # launched with several processes; without it each process would think it runs alone.
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
+def weights_sharded(accelerator) -> bool:
+    """FSDP and DeepSpeed: each process holds a share of the weights (ZeRO-1/2: of their optimizer state and
+    gradients); `save_state` / `load_state` save and restore the prepared model themselves."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def configure_deepspeed(plugin, *, micro_batch: int, grad_accum: int, max_grad_norm: float, world: int) -> dict:
+    """Fill the DeepSpeed config from Corral's own settings, before `prepare`: accelerate reads
+    `train_micro_batch_size_per_gpu` from a prepared DataLoader, which Corral never hands it (its loop picks rows
+    by step), and would refuse the `auto` the shipped configs leave; DeepSpeed runs its optimizer step every
+    `gradient_accumulation_steps` backwards and clips to `gradient_clipping`, so both must be ours
+    (`train.grad_accum`, `max_grad_norm`, 0: no clipping). Returns the config, changed in place."""
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = micro_batch
+    config["gradient_accumulation_steps"] = grad_accum
+    config["train_batch_size"] = micro_batch * grad_accum * world
+    config["gradient_clipping"] = float(max_grad_norm)
+    plugin.gradient_accumulation_steps = grad_accum
+    return config
+
+
+def _sub_state(full: dict, root: torch.nn.Module, sub: torch.nn.Module) -> dict:
+    """The entries of `root`'s state dict that belong to its submodule `sub`, named as `sub` names them."""
+    if sub is root:
+        return full
+    prefix = next(name for name, module in root.named_modules() if module is sub) + "."
+    return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
 
 
 @dataclass
@@ -49,8 +98,8 @@ class Trained:
     optimizer: torch.optim.Optimizer
     scheduler: object
     max_grad_norm: float
-    save: Callable[[Path], None]  # writes the module's standard folder (adapter or full model)
-    load: Callable[[Path], None]  # reads it back into the module, in place
+    write: Callable  # write(module, folder[, state_dict=...]): the module's standard folder (adapter or full model)
+    pick: Callable[[torch.nn.Module], torch.nn.Module]  # the module inside the unwrapped model that is saved
     accelerator: object = field(repr=False)
     params: list = field(default_factory=list, repr=False)
 
@@ -58,9 +107,19 @@ class Trained:
         """Clip the gradient norm (0: no clipping), step the optimizer and the schedule, zero the gradients.
         Returns the gradient norm before clipping, as a tensor: reading it syncs with the GPU, so callers read it
         only when they log."""
-        if self.max_grad_norm > 0:
-            norm = self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
+        accelerator = self.accelerator
+        if weights_sharded(accelerator):
+            # FSDP: the norm of the sharded gradients (a DTensor, reduced over the processes); clipping at inf
+            # multiplies by exactly 1. DeepSpeed clips in its own step (`gradient_clipping`) and reports its norm.
+            norm = accelerator.clip_grad_norm_(self.params, self.max_grad_norm or float("inf"))
+            if hasattr(norm, "full_tensor"):
+                norm = norm.full_tensor()
+            else:
+                norm = torch.tensor(float("nan") if norm is None else norm)
+        elif self.max_grad_norm > 0:
+            norm = accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
         else:
+            accelerator.unscale_gradients(self.optimizer)  # fp16: the loss scale out of the norm (a no-op otherwise)
             grads = [p.grad.norm() for p in self.params if p.grad is not None]
             norm = torch.norm(torch.stack(grads)) if grads else torch.zeros(())
         self.optimizer.step()
@@ -71,6 +130,29 @@ class Trained:
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def save_to(self, folder: Path) -> None:
+        """Write the module's standard folder. Every process calls it: under FSDP / DeepSpeed the full weights are
+        gathered from all of them first (`accelerator.get_state_dict`); the main process writes."""
+        from corral.models.forward import unwrap
+
+        unwrapped = unwrap(self.model)
+        module = self.pick(unwrapped)
+        state = None
+        if weights_sharded(self.accelerator):
+            state = _sub_state(self.accelerator.get_state_dict(self.model), unwrapped, module)
+        if self.accelerator.is_main_process and state is None:
+            self.write(module, folder)
+        elif self.accelerator.is_main_process:
+            self.write(module, folder, state_dict=state)
+
+    def load_from(self, folder: Path) -> None:
+        """Read the module's folder back into it, in place. Under FSDP / DeepSpeed accelerate's `load_state` restores
+        the sharded weights (a full safetensors file cannot be copied into a process's shard)."""
+        from corral.models.forward import unwrap
+
+        if not weights_sharded(self.accelerator):
+            ckpt.load_weights(self.pick(unwrap(self.model)), folder)
 
 
 class Harness:
@@ -88,25 +170,34 @@ class Harness:
 
     def add(self, name: str, model: torch.nn.Module, *, save: Callable[[torch.nn.Module, Path], None],
             total_steps: int, optimizer: str, lr: float, weight_decay: float, betas: tuple[float, float],
-            schedule: str, warmup_ratio: float, max_grad_norm: float,
+            schedule: str, warmup_ratio: float, max_grad_norm: float, micro_batch: int = 1, grad_accum: int = 1,
             weights: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> Trained:
         """Optimizer and schedule for `model` (its trainable parameters), prepared by accelerate. The first module
         added is the checkpoint's `model/`, later ones go beside it under their `name`. `total_steps` counts this
-        module's optimizer steps (the schedule's length; warmup is `warmup_ratio` of them). `weights(unwrapped)`
-        picks the module whose folder is saved and loaded (PPO's critic saves the model inside its wrapper)."""
-        from corral.models.forward import unwrap
+        module's optimizer steps (the schedule's length; warmup is `warmup_ratio` of them). `micro_batch` rows per
+        backward and `grad_accum` backwards per optimizer step tell accelerate (and DeepSpeed) how the recipe steps.
+        `weights(unwrapped)` picks the module whose folder is saved and loaded (PPO's critic saves the model inside
+        its wrapper)."""
+        from accelerate.utils import DistributedType
 
+        accelerator = self.accelerator
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            if self.trained:
+                raise ValueError("DeepSpeed trains one model per run (accelerate prepares one model per DeepSpeed "
+                                 "engine); this recipe trains several: run it with DDP (accelerate launch --multi_gpu)")
+            configure_deepspeed(accelerator.state.deepspeed_plugin, micro_batch=micro_batch, grad_accum=grad_accum,
+                                max_grad_norm=max_grad_norm, world=accelerator.num_processes)
+        # accelerate.accumulate() syncs gradients (and DeepSpeed steps) on every grad_accum-th backward.
+        accelerator.gradient_accumulation_steps = grad_accum
         opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay, betas)
         scheduler = make_scheduler(opt, schedule, round(warmup_ratio * total_steps), total_steps)
-        model, opt = self.accelerator.prepare(model, opt)
+        model, opt = accelerator.prepare(model, opt)
         # The scheduler is stepped by hand once per optimizer step (accelerate would step it once per process).
-        self.accelerator.register_for_checkpointing(scheduler)
-        pick = weights or (lambda m: m)
+        accelerator.register_for_checkpointing(scheduler)
         trained = Trained(
-            name if self.trained else "model", model, opt, scheduler, max_grad_norm,
-            save=lambda folder: save(pick(unwrap(model)), folder),
-            load=lambda folder: ckpt.load_weights(pick(unwrap(model)), folder),
-            accelerator=self.accelerator, params=[p for p in model.parameters() if p.requires_grad],
+            name if self.trained else "model", model, opt, scheduler, max_grad_norm, write=save,
+            pick=weights or (lambda m: m), accelerator=accelerator,
+            params=[p for p in model.parameters() if p.requires_grad],
         )  # fmt: skip
         self.trained.append(trained)
         return trained
@@ -125,7 +216,7 @@ class Harness:
         self.resumed_from = ckpt.find_resume(self.output_dir, self.resume_setting)
         if self.resumed_from is not None:
             for trained in self.trained:
-                trained.load(self.resumed_from / trained.name)
+                trained.load_from(self.resumed_from / trained.name)
             self.accelerator.load_state(str(self.resumed_from / "trainer_state"))
             start = ckpt.read_state(self.resumed_from)["step"]
             if self.accelerator.is_main_process:
@@ -135,9 +226,10 @@ class Harness:
         return start
 
     def checkpoint(self, step: int, state: dict | None = None) -> Path:
-        """An atomic `checkpoints/step-N` folder with every module's standard folder and the trainer state."""
+        """An atomic `checkpoints/step-N` folder with every module's standard folder and the trainer state.
+        Every process calls it."""
         return ckpt.save_checkpoint(self.accelerator, step, self.output_dir,
-                                    {t.name: t.save for t in self.trained}, state or {}, self.save_total_limit)
+                                    {t.name: t.save_to for t in self.trained}, state or {}, self.save_total_limit)
 
     def close(self) -> None:
         if self.metrics is not None:

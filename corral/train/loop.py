@@ -14,7 +14,6 @@ batch 8 x accum 1 and 2 processes x batch 4 give the same update.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -83,6 +82,8 @@ class TrainResult:
     checkpoint: Path | None
     metrics_path: Path
     resumed_from: int = 0
+    # save(folder): the trained model's standard folder. Every process calls it (FSDP / ZeRO-3 gather the weights).
+    save: Callable[[Path], None] | None = None
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -90,16 +91,20 @@ def _to_device(batch: dict, device) -> dict:
 
 
 def evaluate(model, rows: Sequence, collate_fn, loss_fn, accelerator, batch_size: int) -> float:
-    """Mean loss per target over `rows` (sharded across processes)."""
+    """Mean loss per target over `rows` (sharded across processes). Every process runs the same number of forwards
+    (under FSDP each one gathers weights from all processes): one short of rows repeats its last batch, uncounted."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
+    forwards = math.ceil(math.ceil(len(rows) / accelerator.num_processes) / batch_size)
     with torch.no_grad():
-        for i in range(0, len(mine), batch_size):
-            batch = _to_device(collate_fn([rows[j] for j in mine[i : i + batch_size]]), accelerator.device)
+        for k in range(forwards):
+            ids = mine[k * batch_size : (k + 1) * batch_size]
+            batch = _to_device(collate_fn([rows[j] for j in ids or mine[-batch_size:] or [0]]), accelerator.device)
             with accelerator.autocast():
                 loss_sum, n, *_ = loss_fn(model, batch)
-            total += torch.stack([loss_sum.double(), n.double()])
+            if ids:
+                total += torch.stack([loss_sum.double(), n.double()])
     total = accelerator.reduce(total, reduction="sum")
     model.train()
     return (total[0] / total[1].clamp(min=1)).item()
@@ -130,7 +135,8 @@ def train(
             model.enable_input_require_grads()  # adapters on a frozen base need a grad path into the checkpoints
     harness = Harness(accelerator, output_dir, save_total_limit=settings.save_total_limit, resume=settings.resume,
                       report_to=settings.report_to, config=config)
-    trained = harness.add("model", model, save=save_model, total_steps=total_steps, **optim_values(settings))
+    trained = harness.add("model", model, save=save_model, total_steps=total_steps, micro_batch=settings.batch_size,
+                          grad_accum=settings.grad_accum, **optim_values(settings))
     model = trained.model
     start_step = harness.resume()
     metrics = harness.metrics
@@ -157,16 +163,19 @@ def train(
         micro = plan.micro_batches(step, accelerator.process_index)
         loss_sum_total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
         stat_sums: dict[str, torch.Tensor] = {}
-        for k, row_ids in enumerate(micro):
+        for row_ids in micro:
             batch = _to_device(collate_fn([rows[i] for i in row_ids]), accelerator.device)
-            sync = k == len(micro) - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+            # accumulate(): gradients are synced (DDP, FSDP) and DeepSpeed steps only on the step's last micro-batch
+            # (the harness set gradient_accumulation_steps to grad_accum).
+            with accelerator.accumulate(model), accelerator.autocast():
                 loss_sum, _, *extra = loss_fn(model, batch)
                 for name, value in (extra[0] if extra else {}).items():
                     stat_sums[name] = stat_sums.get(name, 0) + value.detach().double()
-                # DDP averages gradients over processes; multiply back so the step's gradient is the
-                # gradient of (sum of all token losses) / (all target tokens).
-                accelerator.backward(loss_sum * accelerator.num_processes / max(step_targets, 1))
+                # DDP averages gradients over processes and accelerate (or DeepSpeed) divides the loss by the
+                # accumulation steps; multiply both back so the step's gradient is the gradient of (sum of all
+                # token losses) / (all target tokens).
+                scale = accelerator.num_processes * accelerator.gradient_accumulation_steps
+                accelerator.backward(loss_sum * scale / max(step_targets, 1))
             loss_sum_total += loss_sum.detach().double()
         grad_norm = trained.step()
         loss_sum_total = accelerator.reduce(loss_sum_total, reduction="sum")
@@ -204,4 +213,5 @@ def train(
             print(f"eval loss: {eval_loss:.4f} ({len(eval_rows)} held-out rows)")
     path = checkpoint(total_steps) if last_saved != total_steps else ckpt.list_checkpoints(output_dir)[-1][1]
     harness.close()
-    return TrainResult(total_steps, last_loss, eval_loss, path, metrics.path, resumed_from=start_step)
+    return TrainResult(total_steps, last_loss, eval_loss, path, metrics.path, resumed_from=start_step,
+                       save=trained.save_to)

@@ -45,5 +45,7 @@ class EMA:
         return {"decay": self.decay, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict) -> None:
+        """Each average back on its weight's device: accelerate's loader reads custom state onto the CPU."""
         self.decay = state["decay"]
-        self.shadow = {n: t.float() for n, t in state["shadow"].items()}
+        self.shadow = {n: t.to(self.shadow[n].device if n in self.shadow else t.device, torch.float32)
+                       for n, t in state["shadow"].items()}  # fmt: skip

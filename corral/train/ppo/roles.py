@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from corral.models.adapters import add_lora, is_adapter, trainable_parameter_count
-from corral.models.load import load_model, resolve_dtype, resolve_model
+from corral.models.load import load_model, master_dtype, resolve_dtype, resolve_model
 from corral.train.ppo.rollout import Samples, batch_tensors
 
 Scorer = Callable[[Samples], torch.Tensor]  # samples -> (N,) scores
@@ -92,7 +92,9 @@ def build_roles(model: str, reward: str, *, method: str, dtype: str, lora: LoraS
 
     torch_dtype = resolve_dtype(dtype)
     start = resolve_model(model)
-    actor = load_model(model, dtype=dtype, trainable_adapter=method == "lora")
+    # A fully trained actor keeps float32 master weights (bf16 only when asked); its frozen reference copies them.
+    actor_dtype = master_dtype(dtype) if method == "full" else dtype
+    actor = load_model(model, dtype=actor_dtype, trainable_adapter=method == "lora")
     base_bytes = base_weight_bytes(actor)
     ref_model = None
     if start.adapter and method == "lora":
@@ -148,7 +150,7 @@ def make_critic(model: str, reward: str, rm, actor, *, method: str, dtype: str, 
 
     if method == "full":
         start = reward if rm is not None else resolve_model(model).path
-        critic = load_model(start, dtype=dtype, head="score", pad_token_id=pad_id)
+        critic = load_model(start, dtype=master_dtype(dtype), head="score", pad_token_id=pad_id)
         log(f"critic: a trainable copy of {start}")
         return Critic(critic.requires_grad_(True)).train()
     source = rm if rm is not None else actor

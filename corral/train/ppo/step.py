@@ -71,6 +71,7 @@ def compute_advantages(rows: torch.Tensor, old_logp, ref_logp, scores, mask, n: 
     broadcast to every reply token. Returns (advantages, returns or None, per-token KL), all (b, T)."""
     total = total or (lambda t: t)
     kl_tokens = (old_logp - ref_logp) * mask
+    rows = rows.to(kl_tokens.device)  # a mini-batch's rows come from a CPU permutation; index_copy wants one device
     returns = None
     if settings.advantage == "gae":
         if values is None:
@@ -87,11 +88,21 @@ def compute_advantages(rows: torch.Tensor, old_logp, ref_logp, scores, mask, n: 
     return advantages, returns, kl_tokens
 
 
+def in_chunks(fn: Callable[..., torch.Tensor], rows: int, size: int | None, *tensors: torch.Tensor) -> torch.Tensor:
+    """fn(*tensors) computed `size` rows at a time (None: all at once), concatenated along the rows."""
+    size = size or rows
+    return torch.cat([fn(*(t[lo : lo + size] for t in tensors)) for lo in range(0, rows, size)])
+
+
 @torch.no_grad()
 def make_experience(actor, samples: Samples, scores: torch.Tensor, kl: KLController, settings: PPOSettings,
-                    pad_id: int, ref_model=None, critic=None, fuse: bool | None = None) -> Experience:
+                    pad_id: int, ref_model=None, critic=None, fuse: bool | None = None,
+                    rows_per_forward: int | None = None) -> Experience:
     """scores (N,) one reward per sample. ref_model None: the actor with its adapter disabled.
-    `fuse` (default `on_policy`): leave the old log-probs, values and advantages to the update's forward."""
+    `fuse` (default `on_policy`): leave the old log-probs, values and advantages to the update's forward.
+    `rows_per_forward`: the reference, old-policy and critic passes run that many rows at a time (None: the whole
+    rollout at once); each builds (rows, reply length, vocabulary) float32 log-probs, which for a whole rollout
+    of a real vocabulary does not fit on a GPU."""
     from corral.models.forward import unwrap
 
     actor, critic = unwrap(actor), unwrap(critic) if critic is not None else None
@@ -103,19 +114,20 @@ def make_experience(actor, samples: Samples, scores: torch.Tensor, kl: KLControl
     fuse = on_policy(settings, n) if fuse is None else fuse
     was_training = actor.training
     actor.eval()
+    tensors = (ids, attention, reply_mask, start)
     if ref_model is None:
         with reference_context(actor):
-            ref_logp = reply_logprobs(actor, ids, attention, reply_mask, start)
+            ref_logp = in_chunks(lambda *t: reply_logprobs(actor, *t), n, rows_per_forward, *tensors)
     else:
-        ref_logp = reply_logprobs(ref_model, ids, attention, reply_mask, start)
-    old_logp = None if fuse else reply_logprobs(actor, ids, attention, reply_mask, start)
+        ref_logp = in_chunks(lambda *t: reply_logprobs(ref_model, *t), n, rows_per_forward, *tensors)
+    old_logp = None if fuse else in_chunks(lambda *t: reply_logprobs(actor, *t), n, rows_per_forward, *tensors)
     actor.train(was_training)
     scores = scores.to(device).float()
     stats = {"reward_mean": scores.mean().item(), "reward_std": scores.std().item() if n > 1 else 0.0,
              "kl_coef": kl.value, "reply_len": reply_mask.sum(-1).float().mean().item()}  # fmt: skip
     values = advantages = returns = None
     if not fuse:
-        values = critic(ids, attention, reply_mask, start) if settings.advantage == "gae" else None
+        values = in_chunks(critic, n, rows_per_forward, *tensors) if settings.advantage == "gae" else None
         advantages, returns, kl_tokens = compute_advantages(torch.arange(n, device=device), old_logp, ref_logp,
                                                             scores, reply_mask, n, samples.k, settings, kl.value,
                                                             values)  # fmt: skip
@@ -160,7 +172,7 @@ def ppo_update(actor, actor_step: Callable[[], torch.Tensor], exp: Experience, s
         for lo in range(0, n, settings.minibatch):
             batch = order[lo : lo + settings.minibatch]
             tokens = float(exp.reply_mask[batch].sum())  # the whole mini-batch's, on every process
-            idx = batch[rank::world]
+            idx = batch[rank::world].to(exp.input_ids.device)  # the permutation is drawn on the CPU
             mask = exp.reply_mask[idx]
             logp, entropy = reply_logprobs(actor, exp.input_ids[idx], exp.attention_mask[idx], mask,
                                            exp.reply_start[idx], with_entropy=True,
