@@ -32,7 +32,25 @@ def machine_info() -> dict:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__.split("+")[0],
         "torch_threads": torch.get_num_threads(),
+        **cpu_precision_info(),
     }
+
+
+CPU_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")  # what decides bf16 and fp32 matmul speed
+
+
+def cpu_precision_info() -> dict:
+    """The CPU flags that decide matmul speed, the measured bf16 / fp32 matmul speed ratio (Corral's probe), and
+    what Corral's `auto` concludes (`cpu_bf16_native`, CORRAL_CPU_BF16 respected), so a result says which
+    precision its `auto` rows ran in and why."""
+    import torch
+
+    from corral.models.load import cpu_bf16_native, cpu_bf16_speedup, cpu_flags
+
+    flags = cpu_flags()
+    return {"cpu_flags": [flag for flag in CPU_FLAGS if flag in flags],
+            "cpu_bf16_matmul_speedup": round(cpu_bf16_speedup(), 2), "cpu_bf16_native": cpu_bf16_native(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def on_cuda() -> bool:

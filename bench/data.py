@@ -57,6 +57,8 @@ CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os
 ROWS = {
     "corral": "corral data clean",
     "corral-workers": f"corral data clean, {CORES} workers",
+    "corral-fastchat-steps": "corral data clean, FastChat's steps",
+    "corral-fastchat-steps-workers": f"corral data clean, FastChat's steps, {CORES} workers",
     "corral-html": "corral html step only",
     "corral-html-workers": f"corral html step only, {CORES} workers",
     "fastchat": "fastchat clean_sharegpt",
@@ -236,7 +238,12 @@ CORRAL_ARGS = {
                     "filters.min_reply_chars=0", "filters.wrong_list_numbering=false", "dedup.by_id=false",
                     "dedup.by_first_exchange=false", "dedup.near.enabled=false", "workers=1"],
 }  # fmt: skip
+# The work FastChat's clean_sharegpt + split_long_conversation do (HTML, roles, length checks, exact duplicates,
+# the split), plus the cheap text steps: no language detection, no near-duplicate search.
+CORRAL_ARGS["corral-fastchat-steps"] = [a for a in CORRAL_ARGS["corral"] if not a.startswith("language.")][:-1] + [
+    "dedup.near.enabled=false", "workers=1"]
 CORRAL_ARGS["corral-workers"] = CORRAL_ARGS["corral"][:-1] + [f"workers={CORES}"]
+CORRAL_ARGS["corral-fastchat-steps-workers"] = CORRAL_ARGS["corral-fastchat-steps"][:-1] + [f"workers={CORES}"]
 CORRAL_ARGS["corral-html-workers"] = CORRAL_ARGS["corral-html"][:-1] + [f"workers={CORES}"]
 
 
@@ -312,7 +319,9 @@ def main(argv=None) -> int:
     step_rows = [{"name": f"corral step: {name}", "conversations_per_s": s["seen"] / s["seconds"],
                   "step_s": s["seconds"], "records": s["seen"]} for name, s in steps.items() if s["seconds"] > 0]
     ratios = {}
-    for corral_key, fastchat_key in (("corral-workers", "fastchat-split"), ("corral", "fastchat-split"),
+    for corral_key, fastchat_key in (("corral-fastchat-steps-workers", "fastchat-split"),
+                                     ("corral-fastchat-steps", "fastchat-split"),
+                                     ("corral-workers", "fastchat-split"), ("corral", "fastchat-split"),
                                      ("corral-workers", "fastchat"), ("corral", "fastchat"),
                                      ("corral-html-workers", "fastchat"), ("corral-html", "fastchat")):
         if ROWS[corral_key] in rows and ROWS[fastchat_key] in rows:

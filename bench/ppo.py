@@ -203,7 +203,8 @@ def run_corral_row(args: argparse.Namespace, advantage: str, workdir: Path) -> d
         kl={"coef": KL_COEF},
         # one optimizer step per rollout, as TRL's with generation batch = train batch
         update={"clip": CLIP, "epochs": 1, "minibatch": batch},
-        actor={"lr": LR}, train={"seed": SEED, "resume": "never"},
+        # fp32 compute on CPU, as TRL's bf16=False rows (auto would pick bf16 autocast on a CPU with native bf16)
+        actor={"lr": LR}, train={"seed": SEED, "resume": "never", "mixed_precision": "auto" if cuda else "no"},
         data={"path": str(write_prompts(workdir / "prompts.jsonl", args.prompts))}, lora=LORA,
     )  # fmt: skip
     # A step ends when the recipe logs its metrics line: stamp the clock there (the recipe's gen_s and train_s

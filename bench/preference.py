@@ -2,17 +2,25 @@
 
     python bench/preference.py --steps 12
 
-Four rows, each trained in its own fresh child process, one after the other:
+Ten rows, each trained in its own fresh child process, one after the other:
 
-  corral reward lora     corral.recipes.reward.run (LoRA + score head)
-  trl RewardTrainer lora trl.RewardTrainer, AutoModelForSequenceClassification + LoRA (SEQ_CLS)
-  corral dpo lora        corral.recipes.dpo.run (reference = base with the adapter disabled)
-  trl DPOTrainer lora    trl.DPOTrainer with peft (its reference is also the adapter-disabled base)
+  corral reward lora                  corral.recipes.reward.run (LoRA + score head), one shared-prompt sequence per pair
+  corral reward lora, two sequences   the same with train.shared_prompt=false (the reference path)
+  corral reward lora, defaults        the same at Corral's own defaults (dtype and mixed_precision auto: bf16 autocast
+                                      on a CPU with native bf16, such as avx512_bf16 or AMX)
+  trl RewardTrainer lora              trl.RewardTrainer, AutoModelForSequenceClassification + LoRA (SEQ_CLS)
+  trl RewardTrainer lora, defaults    the same at TRL's own defaults (bf16 autocast, activation checkpointing)
+  corral dpo lora                     corral.recipes.dpo.run (reference = base with the adapter disabled), shared prompt
+  corral dpo lora, two sequences      the same with train.shared_prompt=false
+  corral dpo lora, defaults           the same at Corral's own defaults
+  trl DPOTrainer lora                 trl.DPOTrainer with peft (its reference is also the adapter-disabled base)
+  trl DPOTrainer lora, defaults       the same at TRL's own defaults
 
-Same model (smollm2-135m), data (Corral's built-in preference pairs, chatml template), LoRA (r 16,
-alpha 32, dropout 0, all-linear), batch (pairs per step), max length, optimizer (torch AdamW), learning
-rate and schedule, device and precision (fp32 on CPU; on CUDA bf16 weights and autocast for both, TRL
-off its use_cpu). Per row: real (non-padding) tokens per second of chosen + rejected sequences over the
+The defaults rows compare each framework as a user who sets nothing gets it. All rows: same model
+(smollm2-135m), data (Corral's built-in preference pairs, chatml template), LoRA (r 16, alpha 32,
+dropout 0, all-linear), batch (pairs per step), max length, optimizer (torch AdamW), learning rate
+and schedule, device; outside the defaults rows, the same precision (fp32 on CPU; on CUDA bf16
+weights and autocast for both, TRL off its use_cpu). Per row: real (non-padding) tokens per second of chosen + rejected sequences over the
 steps after `--warmup` (window from the end of the last warmup step to the end of the last step), and
 the child's peak RSS (os.wait4), with its peak GPU memory on CUDA.
 
@@ -43,9 +51,15 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 SEED = 42
 ROWS = {
     "corral-reward": "corral reward lora",
+    "corral-reward-twoseq": "corral reward lora, two sequences",
+    "corral-reward-defaults": "corral reward lora, defaults",
     "trl-reward": "trl RewardTrainer lora",
+    "trl-reward-defaults": "trl RewardTrainer lora, defaults",
     "corral-dpo": "corral dpo lora",
+    "corral-dpo-twoseq": "corral dpo lora, two sequences",
+    "corral-dpo-defaults": "corral dpo lora, defaults",
     "trl-dpo": "trl DPOTrainer lora",
+    "trl-dpo-defaults": "trl DPOTrainer lora, defaults",
 }
 
 
@@ -75,21 +89,22 @@ def corral_windows(metrics_path: Path, steps: int, warmup: int) -> dict:
     return timed_window(ends, tokens, tokens, warmup)
 
 
-def corral_settings(args, workdir: Path, cuda: bool) -> dict:
+def corral_settings(args, workdir: Path, cuda: bool, shared_prompt: bool = True) -> dict:
     """The Corral rows' config: fp32 on CPU; bf16 weights and autocast on CUDA, as the TRL rows (`trl_settings`)."""
     return {
         "model": MODEL, "template": TEMPLATE, "method": "lora", "output_dir": str(workdir / "run"),
         "dtype": "bfloat16" if cuda else "float32", "data": {"path": DATA, "eval_fraction": 0.0},
         "train": {"max_steps": args.steps, "batch_size": args.batch, "max_len": args.max_len, "lr": args.lr,
                   "warmup_ratio": 0.0, "schedule": "cosine", "max_grad_norm": 1.0, "log_every": 1, "resume": "never",
-                  "seed": SEED, "mixed_precision": "bf16" if cuda else "no"},
+                  "seed": SEED, "mixed_precision": "bf16" if cuda else "no", "shared_prompt": shared_prompt},
         "lora": LORA,
     }  # fmt: skip
 
 
-def trl_settings(args, workdir: Path, cuda: bool) -> dict:
-    """TRL's trainer arguments for the same run, on the same device and precision as the Corral rows."""
-    return {
+def trl_settings(args, workdir: Path, cuda: bool, defaults: bool = False) -> dict:
+    """TRL's trainer arguments for the same run, on the same device and precision as the Corral rows. `defaults`:
+    TRL's own precision (bf16 autocast) and activation checkpointing, both on by default."""
+    settings = {
         "output_dir": str(workdir / "run"), "max_steps": args.steps, "per_device_train_batch_size": args.batch,
         "learning_rate": args.lr, "lr_scheduler_type": "cosine", "warmup_steps": 0, "weight_decay": 0.0,
         "max_grad_norm": 1.0, "optim": "adamw_torch", "max_length": args.max_len, "use_cpu": not cuda,
@@ -97,12 +112,18 @@ def trl_settings(args, workdir: Path, cuda: bool) -> dict:
         "activation_checkpointing": False, "logging_steps": 1,
         "bf16": cuda,  # TRL defaults to bf16, which a CPU barely runs: fp32 there, as Corral on CPU
     }  # fmt: skip
+    if defaults:
+        del settings["bf16"], settings["activation_checkpointing"]
+    return settings
 
 
-def run_corral(args, kind: str, workdir: Path) -> dict:
+def run_corral(args, kind: str, workdir: Path, variant: str = "") -> dict:
     from corral.config import DPOConfig, RewardConfig
 
-    common = corral_settings(args, workdir, on_cuda())
+    common = corral_settings(args, workdir, on_cuda(), shared_prompt=variant != "twoseq")
+    if variant == "defaults":
+        common["dtype"] = "auto"
+        common["train"]["mixed_precision"] = "auto"
     if kind == "reward":
         from corral.recipes import reward
 
@@ -129,7 +150,7 @@ def trl_datasets():
     return Dataset.from_list(records)
 
 
-def run_trl(args, kind: str, workdir: Path) -> dict:
+def run_trl(args, kind: str, workdir: Path, variant: str = "") -> dict:
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
@@ -163,7 +184,7 @@ def run_trl(args, kind: str, workdir: Path) -> dict:
             self.tokens.append(int(sum(v.sum() for k, v in batch.items() if "attention_mask" in k)))
             return batch
 
-    settings = trl_settings(args, workdir, cuda)
+    settings = trl_settings(args, workdir, cuda, defaults=variant == "defaults")
     if kind == "reward":
         from trl import RewardConfig, RewardTrainer
 
@@ -193,9 +214,9 @@ def run_trl(args, kind: str, workdir: Path) -> dict:
 
 
 def child_main(args) -> None:
-    framework, kind = args.child.split("-")
+    framework, kind, *variant = args.child.split("-")
     with tempfile.TemporaryDirectory(prefix=f"bench-pref-{args.child}-") as workdir:
-        row = (run_corral if framework == "corral" else run_trl)(args, kind, Path(workdir))
+        row = (run_corral if framework == "corral" else run_trl)(args, kind, Path(workdir), *variant)
     write_child_row(row, args.child_result)
 
 
@@ -217,11 +238,14 @@ def main(argv=None) -> int:
             print(f"  {row['tokens_per_s']:.1f} tokens/s, peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
             rows[ROWS[key]] = row
     ratios = {}
-    for kind, corral_name, trl_name in (("reward", ROWS["corral-reward"], ROWS["trl-reward"]),
-                                        ("dpo", ROWS["corral-dpo"], ROWS["trl-dpo"])):
-        if corral_name in rows and trl_name in rows:
-            ratios[f"corral/trl {kind} tokens_per_s"] = round(rows[corral_name]["tokens_per_s"] / rows[trl_name]["tokens_per_s"], 3)
-            ratios[f"corral/trl {kind} peak_rss"] = round(rows[corral_name]["peak_rss_mb"] / rows[trl_name]["peak_rss_mb"], 3)
+    for kind in ("reward", "dpo"):
+        for label, mine, over in (("trl", f"corral-{kind}", f"trl-{kind}"),
+                                  ("two sequences", f"corral-{kind}", f"corral-{kind}-twoseq"),
+                                  ("trl defaults", f"corral-{kind}-defaults", f"trl-{kind}-defaults")):
+            corral_name, other = ROWS[mine], ROWS[over]
+            if corral_name in rows and other in rows:
+                for name, metric in (("tokens_per_s", "tokens_per_s"), ("peak_rss", "peak_rss_mb")):
+                    ratios[f"corral/{label} {kind} {name}"] = round(rows[corral_name][metric] / rows[other][metric], 3)
     machine = machine_info()
     results = {
         "command": " ".join(["python bench/preference.py", *map(shlex.quote, argv)]),
@@ -231,7 +255,9 @@ def main(argv=None) -> int:
                   "dtype": "bf16" if on_cuda() else "fp32",
                   "lora": LORA, "steps_timed": args.steps - args.warmup, "warmup": args.warmup,
                   "notes": f"data {DATA} (chatml); batch = pairs per step; tokens = real tokens of chosen + rejected "
-                           "sequences (TRL: its collator's attention masks); DPO beta "
+                           "sequences, counted as two sequences on every row (Corral's shared-prompt rows run the "
+                           "prompt once, so they do less work for the same tokens; TRL: its collator's attention "
+                           "masks); TRL rows at fp32 without checkpointing unless 'defaults'; DPO beta "
                            f"{args.beta}; same lr {args.lr}, cosine, AdamW (torch), grad clip 1.0, no warmup, seed {SEED}; "
                            "each row in its own process, one after the other"},
         "rows": [{k: v for k, v in r.items()} for r in rows.values()],

@@ -23,6 +23,17 @@ adds rows where every request carries a JSON schema (`response_format` json_sche
 xgrammar's token masks), and an in-process measurement of the mask's cost per token: the time to
 fill and apply one row's mask on the model's vocabulary, alone and for 16 rows.
 
+Yardsticks without a server (`--static`, `--gguf LABEL=FILE`), each in a fresh process on the same
+prompts as token ids under the chat template, greedy with the same penalty: transformers `generate`
+on static batches of 1 and of the largest client count (left-padded, all rows of a batch started
+together), and llama.cpp on a GGUF file through llama-cpp-python's C API (`pip install
+'corral[llamacpp]'`), one `llama_decode` per step for every unfinished sequence of the batch, as
+llama.cpp's own server batches its slots (llama-cpp-python's server answers one request at a time,
+so 16 clients through it measure its batch of 1). `--llamacpp-build LABEL=DIR` repeats those rows
+with another build of llama-cpp-python (a `pip install --target DIR` folder). `--variant
+LABEL=ARGS` also measures this checkout's server with other `corral serve` arguments (e.g.
+`bf16=dtype=bfloat16`), `--serve-arg` gives the main one arguments.
+
 Writes bench/results/serve.json (serve-<gpu>.json on CUDA) atomically; `python bench/report.py`
 puts the table in the README.
 """
@@ -58,6 +69,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ref", default=None, help="also measure corral serve at this git revision (e.g. HEAD~1)")
     p.add_argument("--json-schema", action="store_true", help="add json_schema rows and the mask's cost per token")
     p.add_argument("--out", default=None, help="results file (default bench/results/serve[-gpu].json)")
+    p.add_argument("--static", action="store_true",
+                   help="add transformers `generate` static batches of 1 and of the largest client count")
+    p.add_argument("--gguf", action="append", default=[], metavar="LABEL=PATH",
+                   help="add llama.cpp static batches on this GGUF file (llama-cpp-python, the `llamacpp` extra)")
+    p.add_argument("--llamacpp-build", action="append", default=[], metavar="LABEL=DIR",
+                   help="run the llama.cpp rows with the llama-cpp-python found in DIR (a pip --target folder), "
+                        "once per build; default: the installed one")
+    p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                   help="extra `corral serve` argument for this checkout's server (e.g. dtype=float32)")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL=ARG[,ARG]",
+                   help="also measure this checkout's server with these `corral serve` arguments instead "
+                        "(e.g. bf16=dtype=bfloat16), right after the main one")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of the static rows (default torch's)")
+    p.add_argument("--static-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -124,6 +150,146 @@ def baseline_server(model_name: str, port: int) -> None:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# ---------------------------------------------------------------------------------------------
+# Static batches: the yardsticks without a server (each in its own process, one after the other)
+
+
+def render_prompts(model_name: str, texts: list[str]) -> tuple[list[list[int]], list[int]]:
+    """Token ids of each user turn under the model's chat template (as both servers render them), and the stops."""
+    from corral.chat.conversation import Conversation, Message
+    from corral.chat.templates import get_template
+    from corral.models.load import load_tokenizer
+
+    fmt = get_template("auto", load_tokenizer(model_name))
+    return [fmt.render(Conversation([Message("user", t)])) for t in texts], list(fmt.stop_token_ids)
+
+
+def generate_static(model_name: str, ids: list[list[int]], batch: int, max_tokens: int) -> dict:
+    """transformers `generate` on batches of `batch` prompts, left-padded, greedy, repetition penalty 1.1."""
+    import torch
+
+    from corral.models.load import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model_name)
+    model = load_model(model_name)
+    _, stops = render_prompts(model_name, [])
+    pad = tokenizer.pad_token_id
+
+    def run(group):
+        width = max(map(len, group))
+        prompt = torch.tensor([[pad] * (width - len(p)) + p for p in group])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+        with torch.no_grad():
+            out = model.generate(prompt, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
+                                 repetition_penalty=REPETITION_PENALTY, eos_token_id=stops, pad_token_id=pad)
+        replies = out[:, width:].tolist()
+        return sum(next((i + 1 for i, t in enumerate(r) if t in stops), len(r)) for r in replies)
+
+    run(ids[:batch])  # warm-up, not timed
+    started = time.perf_counter()
+    tokens = sum(run(ids[i:i + batch]) for i in range(0, len(ids), batch))
+    return {"tokens": tokens, "wall_s": time.perf_counter() - started}
+
+
+def llamacpp_static(gguf: str, ids: list[list[int]], stops: list[int], batch: int, max_tokens: int,
+                    threads: int) -> dict:
+    """llama.cpp (through llama-cpp-python's C API) on batches of `batch` prompts: one llama_decode per step
+    for every unfinished sequence of the batch (each its own seq_id), as llama.cpp's own server batches its
+    slots; greedy with transformers' repetition penalty 1.1 (over prompt and reply) applied to its logits."""
+    import ctypes
+
+    import llama_cpp as L
+    import numpy as np
+
+    L.llama_backend_init()
+    model = L.llama_model_load_from_file(gguf.encode(), L.llama_model_default_params())
+    longest = max(map(len, ids)) + max_tokens
+    params = L.llama_context_default_params()
+    params.n_ctx = batch * longest
+    params.n_batch = max(batch * longest, 512)
+    params.n_ubatch = 512
+    params.n_seq_max = batch
+    params.n_threads = params.n_threads_batch = threads
+    params.kv_unified = True
+    ctx = L.llama_init_from_model(model, params)
+    vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    chunk = L.llama_batch_init(params.n_batch, 0, batch)
+
+    def decode(entries):  # [(token, position, sequence, wants logits)]
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            chunk.token[i], chunk.pos[i], chunk.n_seq_id[i] = token, pos, 1
+            chunk.seq_id[i][0], chunk.logits[i] = seq, logits
+        chunk.n_tokens = len(entries)
+        if L.llama_decode(ctx, chunk) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def run(group):
+        L.llama_memory_clear(L.llama_get_memory(ctx), True)
+        decode([(t, i, s, i == len(p) - 1) for s, p in enumerate(group) for i, t in enumerate(p)])
+        ends = [sum(map(len, group[: s + 1])) - 1 for s in range(len(group))]
+        rows = dict(enumerate(ends))  # sequence -> the index of its logits in the last batch
+        seen = [np.zeros(vocab, dtype=bool) for _ in group]
+        for s, p in enumerate(group):
+            seen[s][p] = True
+        made = [0] * len(group)
+        while rows:
+            entries = []
+            for s, row in rows.items():
+                logits = np.ctypeslib.as_array(ctypes.cast(L.llama_get_logits_ith(ctx, row),
+                                                           ctypes.POINTER(ctypes.c_float)), shape=(vocab,))
+                penalised = np.where(logits > 0, logits / REPETITION_PENALTY, logits * REPETITION_PENALTY)
+                token = int(np.argmax(np.where(seen[s], penalised, logits)))
+                seen[s][token] = True
+                made[s] += 1
+                if token not in stops and made[s] < max_tokens:
+                    entries.append((token, len(group[s]) + made[s] - 1, s, True))
+            rows = {s: i for i, (_, _, s, _) in enumerate(entries)}
+            if entries:
+                decode(entries)
+        return sum(made)
+
+    run(ids[:batch])  # warm-up, not timed
+    started = time.perf_counter()
+    tokens = sum(run(ids[i:i + batch]) for i in range(0, len(ids), batch))
+    return {"tokens": tokens, "wall_s": time.perf_counter() - started}
+
+
+def static_worker(args) -> None:
+    """In a fresh process: one static measurement, printed as one JSON line."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    count = max(args.min_requests, 2 * args.batch)
+    ids, stops = render_prompts(args.model, prompts()[:count])
+    if args.static_worker == "generate":
+        result = generate_static(args.model, ids, args.batch, args.max_tokens)
+    else:
+        result = llamacpp_static(args.static_worker, ids, stops, args.batch, args.max_tokens,
+                                 args.threads or torch.get_num_threads())
+    print(json.dumps({**result, "requests": len(ids)}))
+
+
+def measure_static(name: str, worker: str, batch: int, args, pythonpath: str | None = None) -> dict:
+    import os
+
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, __file__, "--static-worker", worker, "--batch", str(batch), "--model", args.model,
+           "--max-tokens", str(args.max_tokens), "--min-requests", str(args.min_requests)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    row = {"name": f"{name} @{batch}", "requests": result["requests"], "output_tokens": result["tokens"],
+           "wall_s": round(result["wall_s"], 2), "tokens_per_s": round(result["tokens"] / result["wall_s"], 2)}
+    print(f"  {row['name']:30s}: {row['tokens_per_s']:7.1f} tok/s ({row['requests']} requests)", flush=True)
+    return row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +503,9 @@ def free_port() -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.static_worker:
+        static_worker(args)
+        return 0
     if args.baseline_server:
         baseline_server(args.model, args.port)
         return 0
@@ -344,8 +513,18 @@ def main(argv=None) -> int:
     print(f"serving benchmark on {args.model}: clients {args.clients}, max {args.max_tokens} new tokens, greedy")
     corral_port, base_port = free_port(), free_port()
     serve = [sys.executable, "-m", "corral.cli", "serve", "--model", f"m={args.model}", "--port"]
-    corral = measure("corral serve", serve + [str(corral_port)], corral_port, "m", args, pool)
+    ours = [*serve[:-1], *args.serve_arg, "--port"]  # this checkout's server, with its extra arguments
+    corral = measure("corral serve", ours + [str(corral_port)], corral_port, "m", args, pool)
     extra_rows, extra_ratios, mask_cost = [], {}, None
+    for variant in args.variant:
+        label, variant_args = variant.split("=", 1)
+        port = free_port()
+        other = measure(f"corral serve {label}", [*serve[:-1], *variant_args.split(","), "--port", str(port)], port,
+                        "m", args, pool)
+        extra_rows += level_rows(other)
+        for now, then in zip(other["levels"], corral["levels"]):
+            extra_ratios[f"corral {label}/corral tokens_per_s @{now['clients']}"] = round(
+                now["tokens_per_s"] / then["tokens_per_s"], 2)
     if args.ref:
         with reference_checkout(args.ref) as (folder, label):
             port = free_port()
@@ -357,7 +536,7 @@ def main(argv=None) -> int:
     if args.json_schema:
         port = free_port()
         extra = {"response_format": {"type": "json_schema", "json_schema": {"name": "summary", "schema": SCHEMA}}}
-        constrained = measure("corral serve json_schema", serve + [str(port)], port, "m", args, pool, extra)
+        constrained = measure("corral serve json_schema", ours + [str(port)], port, "m", args, pool, extra)
         extra_rows += level_rows(constrained)
         for free, schema_level in zip(corral["levels"], constrained["levels"]):
             extra_ratios[f"json_schema/free tokens_per_s @{free['clients']}"] = round(
@@ -367,6 +546,25 @@ def main(argv=None) -> int:
         mask_cost = mask_cost_per_token(args.model)
     baseline = measure("transformers serial", [sys.executable, __file__, "--baseline-server", "--model", args.model,
                                                "--port", str(base_port)], base_port, "m", args, pool)
+
+    static_rows = []
+    top = max(int(c) for c in args.clients.split(","))
+    if args.static:
+        static_rows += [measure_static("transformers generate static", "generate", b, args) for b in (1, top)]
+    builds = [b.split("=", 1) for b in args.llamacpp_build] or [("", None)]
+    for label_path in args.gguf:
+        label, path = label_path.split("=", 1)
+        for build, folder in builds:
+            name = f"llama.cpp {label}" + (f" {build}" if build else "") + " static"
+            static_rows += [measure_static(name, path, b, args, folder) for b in (1, top)]
+    by_clients = {level["clients"]: level["tokens_per_s"] for level in corral["levels"]}
+    for row in static_rows:
+        batch = int(row["name"].rsplit("@", 1)[1])
+        if batch in by_clients:
+            what = row["name"].rsplit(" static", 1)[0]
+            extra_ratios[f"corral @{batch} clients / {what} static batch of {batch}"] = round(
+                by_clients[batch] / row["tokens_per_s"], 2)
+    extra_rows += static_rows
 
     rows, ratios, mismatched = [], {}, 0
     for c_level, b_level in zip(corral["levels"], baseline["levels"]):
@@ -386,8 +584,14 @@ def main(argv=None) -> int:
         "versions": versions(("corral", "torch", "transformers", "fastapi", "uvicorn")),
         "setup": {"model": args.model, "max_new_tokens": args.max_tokens, "decoding": "greedy, repetition_penalty 1.1",
                   "clients": args.clients, "replies_differing_between_servers": mismatched,
+                  "corral_serve_args": " ".join(args.serve_arg) or None,
                   "notes": "requests per level = max(min_requests, 2 x clients); tokens/s = output tokens / wall "
-                           "time of the level; TTFT = request sent -> first streamed content"},
+                           "time of the level; TTFT = request sent -> first streamed content. Static rows: no "
+                           "server, in a fresh process, the same prompts (as token ids under the chat template) "
+                           "in batches of 1 or 16, all of a batch started together, greedy with repetition "
+                           "penalty 1.1, wall time over all batches after one untimed batch; llama.cpp's through "
+                           "llama-cpp-python's C API, one llama_decode per step for every unfinished sequence "
+                           "(its server would answer 16 clients one at a time)."},
         "rows": rows,
         "ratios": ratios,
         "json_schema_mask": mask_cost,

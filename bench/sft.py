@@ -2,17 +2,25 @@
 
     python bench/sft.py --steps 20
 
-Three rows, each trained in its own fresh child process, one after the other (never concurrently):
+Rows, each trained in its own fresh child process, one after the other (never concurrently):
 
-  corral lora packed     corral.recipes.sft.run with data.pack=true
-  corral lora unpacked   the same with data.pack=false
-  trl SFTTrainer lora    trl.SFTTrainer on prompt/completion pairs built from the same conversations
+  corral lora packed fp32       corral.recipes.sft.run with data.pack=true, dtype float32, mixed_precision no
+  corral lora unpacked fp32     the same with data.pack=false
+  corral lora packed auto       data.pack=true at Corral's defaults (dtype and mixed_precision auto: bf16
+                                autocast over a bf16 base where the CPU computes bf16 natively, else fp32)
+  corral lora unpacked auto     the same with data.pack=false
+  trl SFTTrainer lora fp32      trl.SFTTrainer on prompt/completion pairs built from the same conversations
+  trl SFTTrainer lora bf16      the same with bf16=True (autocast over its fp32 weights)
+  trl SFTTrainer lora defaults  TRL's own defaults for precision and memory: bf16 (True unless fp16) and
+                                gradient checkpointing (on)
 
 Same model (smollm2-135m), LoRA (r 16, alpha 32, dropout 0, all-linear), sequence length, batch,
-gradient accumulation, optimizer (torch AdamW), learning rate and schedule, precision (fp32 on CPU,
-bf16 on CUDA). Per row: real (non-padding) input tokens per second and trained (target) tokens per
-second over the steps after `--warmup`, and the child's peak RSS (kernel-tracked `ru_maxrss` of that
-one child, from os.wait4), which covers loading, data preparation and training.
+gradient accumulation, optimizer (torch AdamW), learning rate and schedule. Ratios: each Corral row
+against TRL at matched precision (fp32 rows; bf16: Corral auto where it resolved to bf16, TRL bf16)
+and at each one's defaults (Corral auto, TRL defaults). Per row: real (non-padding) input tokens per
+second and trained (target) tokens per second over the steps after `--warmup`, the child's peak RSS
+(kernel-tracked `ru_maxrss` of that one child, from os.wait4), which covers loading, data preparation
+and training, and that peak per token of a step (a packed step holds about batch x seq_len tokens).
 
 Writes bench/results/sft.json (sft-<gpu>.json on CUDA) atomically; `--out` writes elsewhere (smoke
 runs). `python bench/report.py` turns the results into the README's table.
@@ -23,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -42,9 +51,13 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 WARMUP_RATIO = 0.03  # of the steps, for the learning-rate schedule (Corral's default); TRL gets the same step count
 SEED = 42
 ROWS = {  # key (for --rows and the child) -> row name in the results
-    "corral-packed": "corral lora packed",
-    "corral-unpacked": "corral lora unpacked",
-    "trl": "trl SFTTrainer lora",
+    "corral-packed": "corral lora packed fp32",
+    "corral-unpacked": "corral lora unpacked fp32",
+    "corral-packed-auto": "corral lora packed auto",
+    "corral-unpacked-auto": "corral lora unpacked auto",
+    "trl": "trl SFTTrainer lora fp32",
+    "trl-bf16": "trl SFTTrainer lora bf16",
+    "trl-defaults": "trl SFTTrainer lora defaults",
 }
 
 
@@ -76,19 +89,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # The rows, each run inside its own child process
 
 
-def run_corral_row(args: argparse.Namespace, pack: bool, workdir: Path) -> dict:
+def run_corral_row(args: argparse.Namespace, pack: bool, workdir: Path, auto: bool) -> dict:
+    """`auto`: dtype and mixed_precision at their defaults; else fp32 weights and compute."""
     from corral.config import DataConfig, LoraConfig, SFTConfig, TrainConfig
     from corral.recipes import sft
 
-    cuda = on_cuda()
     cfg = SFTConfig(
         model=MODEL, template=TEMPLATE, method="lora", output_dir=str(workdir / "run"),
-        dtype="bfloat16" if cuda else "float32",
+        dtype="auto" if auto else "float32",
         data=DataConfig(path=args.data, pack=pack),
         train=TrainConfig(
             max_steps=args.steps, lr=args.lr, batch_size=args.batch, grad_accum=args.grad_accum, max_len=args.seq_len,
             schedule="cosine", warmup_ratio=WARMUP_RATIO, weight_decay=0.0, max_grad_norm=1.0,
-            mixed_precision="bf16" if cuda else "no", log_every=1, resume="never", seed=SEED,
+            mixed_precision="auto" if auto else "no", log_every=1, resume="never", seed=SEED,
         ),
         lora=LoraConfig(
             r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], target_modules=LORA["target_modules"]
@@ -103,7 +116,11 @@ def run_corral_row(args: argparse.Namespace, pack: bool, workdir: Path) -> dict:
     # end of each step, after its loss.item() (which waits for the GPU).
     seen = [0] + [r["seen_tokens"] for r in steps]
     tokens = [b - a for a, b in zip(seen, seen[1:])]
-    return timed_window([r["elapsed_s"] for r in steps], tokens, [r["target_tokens"] for r in steps], args.warmup)
+    row = timed_window([r["elapsed_s"] for r in steps], tokens, [r["target_tokens"] for r in steps], args.warmup)
+    precision = steps[0]["precision"]  # what the run computed and stored in, from its first record
+    compute = "bf16" if precision["mixed_precision"] == "bf16" else "fp32"
+    return {**row, "precision": f"{compute} (base {precision['frozen_weights']})", "compute": compute,
+            "first_loss": steps[0]["loss"], "last_loss": steps[-1]["loss"]}
 
 
 def prompt_completion_pairs(conversations: list, fmt) -> list[dict]:
@@ -125,7 +142,9 @@ def prompt_completion_pairs(conversations: list, fmt) -> list[dict]:
     return pairs
 
 
-def run_trl_row(args: argparse.Namespace, workdir: Path) -> dict:
+def run_trl_row(args: argparse.Namespace, workdir: Path, precision: str) -> dict:
+    """`precision`: fp32, bf16 (autocast, gradient checkpointing off as in Corral's rows) or defaults (TRL's own
+    bf16 and gradient checkpointing)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -189,9 +208,10 @@ def run_trl_row(args: argparse.Namespace, workdir: Path) -> dict:
         output_dir=str(workdir / "run"), max_steps=args.steps, per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler_type="cosine",
         warmup_steps=round(WARMUP_RATIO * args.steps), weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
-        packing=False, completion_only_loss=True, max_length=args.seq_len,
-        activation_checkpointing=False, bf16=cuda, use_cpu=not cuda,  # the new name of gradient_checkpointing
-        eval_strategy="no", save_strategy="no", report_to="none", seed=SEED, dataloader_num_workers=0,
+        packing=False, completion_only_loss=True, max_length=args.seq_len, use_cpu=not cuda,
+        eval_strategy="no", save_strategy="no", report_to="none", seed=SEED, dataloader_num_workers=0, logging_steps=1,
+        # activation_checkpointing: the new name of gradient_checkpointing
+        **({} if precision == "defaults" else {"activation_checkpointing": False, "bf16": precision == "bf16"}),
     )  # fmt: skip
     peft_config = LoraConfig(
         r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=LORA["target_modules"],
@@ -216,15 +236,21 @@ def run_trl_row(args: argparse.Namespace, workdir: Path) -> dict:
     targets = [sum(counter.targets[s * accum : (s + 1) * accum]) for s in range(args.steps)]
     if len(counter.tokens) < n:
         raise RuntimeError(f"counted {len(counter.tokens)} batches, expected at least {n}")
-    return timed_window(clock.step_ends, tokens, targets, args.warmup)
+    row = timed_window(clock.step_ends, tokens, targets, args.warmup)
+    compute = "bf16" if config.bf16 else "fp32"
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {**row, "precision": f"{compute} (base {str(model.dtype).removeprefix('torch.')})"
+            + (", gradient checkpointing" if config.gradient_checkpointing else ""), "compute": compute,
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
 
 
 def child_main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix=f"bench-sft-{args.child}-") as workdir:
-        if args.child == "trl":
-            row = run_trl_row(args, Path(workdir))
+        if args.child.startswith("trl"):
+            row = run_trl_row(args, Path(workdir), args.child.removeprefix("trl").removeprefix("-") or "fp32")
         else:
-            row = run_corral_row(args, pack=args.child == "corral-packed", workdir=Path(workdir))
+            row = run_corral_row(args, pack="-packed" in args.child, workdir=Path(workdir),
+                                 auto=args.child.endswith("-auto"))
     write_child_row(row, args.child_result)
 
 
@@ -273,23 +299,36 @@ def data_facts(args: argparse.Namespace) -> dict:
 
 
 def make_ratios(rows: dict[str, dict]) -> dict:
+    """Corral against TRL at matched precision (fp32 rows; bf16: Corral's auto rows where auto resolved to bf16)
+    and at each one's defaults (Corral auto, TRL defaults): tokens/s, trained tokens/s, peak RSS per step token;
+    and what bf16 gives each framework over its fp32 row."""
     get = lambda key, field: rows.get(ROWS[key], {}).get(field)  # noqa: E731
-    pairs = {
-        "corral packed/trl tokens_per_s": ("corral-packed", "trl", "tokens_per_s"),
-        "corral unpacked/trl tokens_per_s": ("corral-unpacked", "trl", "tokens_per_s"),
-        "corral packed/trl target_tokens_per_s": ("corral-packed", "trl", "target_tokens_per_s"),
-        "corral unpacked/trl target_tokens_per_s": ("corral-unpacked", "trl", "target_tokens_per_s"),
-        "corral packed/trl peak_rss": ("corral-packed", "trl", "peak_rss_mb"),
-        "corral unpacked/trl peak_rss": ("corral-unpacked", "trl", "peak_rss_mb"),
-        "packed/unpacked tokens_per_s": ("corral-packed", "corral-unpacked", "tokens_per_s"),
-        "packed/unpacked target_tokens_per_s": ("corral-packed", "corral-unpacked", "target_tokens_per_s"),
+    auto_bf16 = {key: get(key, "compute") == "bf16" for key in ("corral-packed-auto", "corral-unpacked-auto")}
+    comparisons = {}  # label -> (corral row, trl row)
+    for layout in ("packed", "unpacked"):
+        comparisons[f"corral {layout}/trl fp32"] = (f"corral-{layout}", "trl")
+        if auto_bf16[f"corral-{layout}-auto"]:
+            comparisons[f"corral {layout}/trl bf16"] = (f"corral-{layout}-auto", "trl-bf16")
+        comparisons[f"corral {layout} auto/trl defaults"] = (f"corral-{layout}-auto", "trl-defaults")
+    pairs = {}
+    for label, (a, b) in comparisons.items():
+        for field in ("tokens_per_s", "target_tokens_per_s", "peak_rss_mb_per_step_token"):
+            pairs[f"{label} {field}"] = (a, b, field)
+    pairs |= {
+        "corral packed auto/fp32 tokens_per_s": ("corral-packed-auto", "corral-packed", "tokens_per_s"),
+        "corral unpacked auto/fp32 tokens_per_s": ("corral-unpacked-auto", "corral-unpacked", "tokens_per_s"),
+        "trl bf16/fp32 tokens_per_s": ("trl-bf16", "trl", "tokens_per_s"),
+        "corral packed auto/fp32 peak_rss": ("corral-packed-auto", "corral-packed", "peak_rss_mb"),
+        "packed/unpacked fp32 tokens_per_s": ("corral-packed", "corral-unpacked", "tokens_per_s"),
     }
     ratios = {name: safe_ratio(get(a, field), get(b, field)) for name, (a, b, field) in pairs.items()}
     return {name: value for name, value in ratios.items() if value is not None}
 
 
 def setup_notes(args: argparse.Namespace, facts: dict, cuda: bool) -> str:
-    precision = "bf16 weights and autocast (CUDA)" if cuda else "fp32 on CPU"
+    precision = ("precision per row (fp32 rows: fp32 weights and compute; Corral auto: what dtype=auto and "
+                 "mixed_precision=auto pick on this machine, see the row's precision; TRL bf16: bf16=True, autocast "
+                 "over its fp32 weights; TRL defaults: its bf16 and gradient checkpointing defaults)")
     return (
         f"Data: {args.data}, {facts['conversations']} conversations ({facts['multi_turn']} multi-turn), rendered with "
         f"the chatml template (no default system prompt) for every row. Corral trains every assistant reply: "
@@ -305,8 +344,8 @@ def setup_notes(args: argparse.Namespace, facts: dict, cuda: bool) -> str:
         f"Each row runs in its own fresh child process, one after the other; {precision}; attention sdpa "
         f"(flash-attention-2 where Corral would pick it). Same LoRA, lr {args.lr}, cosine schedule with "
         f"{round(WARMUP_RATIO * args.steps)} warmup steps, torch AdamW (TRL's optim='adamw_torch'; its default is the "
-        f"fused variant), weight decay 0, grad clip 1.0, seed {SEED}, gradient checkpointing off in every row (TRL "
-        f"defaults it on; turned off to match Corral's default). Data order: each framework's own seeded shuffle. "
+        f"fused variant), weight decay 0, grad clip 1.0, seed {SEED}, gradient checkpointing off in every row but TRL "
+        f"defaults (TRL defaults it on; Corral off). Data order: each framework's own seeded shuffle. "
         f"TRL otherwise at its defaults: no packing, completion_only_loss, padding to the longest in the batch, "
         f"fused LM-head loss with per-step entropy/accuracy metrics; no eval, no saving, report_to none. "
         f"Throughput: the first {args.warmup} steps are left out; tokens_per_s = real (non-padding) input tokens of "
@@ -316,7 +355,10 @@ def setup_notes(args: argparse.Namespace, facts: dict, cuda: bool) -> str:
         f"on_step_end{' after torch.cuda.synchronize()' if cuda else ''}; a wrapper around TRL's collator counts "
         f"attention-mask and label tokens per batch. peak_rss_mb: ru_maxrss of the row's child process (os.wait4), "
         f"which includes model loading and data preparation. Peak memory grows with the tokens in a step: a packed "
-        f"step holds about batch x seq_len tokens, an unpacked one batch x its longest sample (see tokens_per_step)."
+        f"step holds about batch x seq_len tokens, an unpacked one batch x its longest sample (see tokens_per_step); "
+        f"peak_rss_mb_per_step_token = peak_rss_mb / tokens_per_step (the fixed part, the model and the Python "
+        f"process, is in it too, so it favours big steps). first_loss / last_loss: the logged loss of the first and "
+        f"last step (Corral: per target token of the step; TRL: its logged mean)."
     )
 
 
@@ -326,13 +368,15 @@ def print_table(results: dict) -> None:
     print(f"\nSFT throughput, {setup['model']} LoRA r{setup['lora']['r']}, seq_len {setup['seq_len']}, batch "
           f"{setup['batch']} x accum {setup['grad_accum']}, {setup['dtype']}; {setup['steps_timed']} timed steps "
           f"after {setup['warmup']} warmup; on {where}, torch {machine['torch']}")  # fmt: skip
-    titles = ("tokens/s", "trained tok/s", "peak RSS MB", "tokens/step", "median step s")
-    header = f"{'row':<24} " + " ".join(f"{t:>14}" for t in titles)
+    titles = ("tokens/s", "trained tok/s", "peak RSS MB", "MB/step tok", "tokens/step", "median step s")
+    header = f"{'row':<30} {'precision':<40} " + " ".join(f"{t:>13}" for t in titles)
     print(header)
     print("-" * len(header))
     for row in results["rows"]:
-        print(f"{row['name']:<24} {row['tokens_per_s']:>14.1f} {row['target_tokens_per_s']:>14.1f} "
-              f"{row['peak_rss_mb']:>14.0f} {row['tokens_per_step']:>14.0f} {row['median_step_s']:>14.3f}")  # fmt: skip
+        print(f"{row['name']:<30} {row['precision']:<40} {row['tokens_per_s']:>13.1f} "
+              f"{row['target_tokens_per_s']:>13.1f} "
+              f"{row['peak_rss_mb']:>13.0f} {row['peak_rss_mb_per_step_token']:>13.2f} {row['tokens_per_step']:>13.0f} "
+              f"{row['median_step_s']:>13.3f}")  # fmt: skip
     for name, value in results["ratios"].items():
         print(f"  {name:<42} {value:.2f}")
     print("tokens/s: real (non-padding) input tokens / wall time of the timed steps; trained tok/s: target tokens; "
@@ -354,27 +398,30 @@ def main(argv: list[str] | None = None) -> int:
     out = results_path("sft", machine["gpu"] if cuda else None, args.out)
     facts = data_facts(args)
     keys = args.rows.split(",")
+    load_before = os.getloadavg()  # other work on the machine while the rows ran shows here
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-sft-") as workdir:
         for key in keys:
             print(f"[bench] {ROWS[key]}: {args.steps} steps in a fresh process ...", flush=True)
             row = run_child(key, args, argv, Path(workdir))
+            row["peak_rss_mb_per_step_token"] = row["peak_rss_mb"] / row["tokens_per_step"]
             print(f"[bench] {ROWS[key]}: {row['tokens_per_s']:.1f} tokens/s, peak RSS {row['peak_rss_mb']:.0f} MB "
                   f"({row['process_wall_s']:.0f} s in all)", flush=True)  # fmt: skip
             rows.append(row)
-    first = ("name", "tokens_per_s", "target_tokens_per_s", "peak_rss_mb", "steps")  # the schema's fields, then extras
+    first = ("name", "precision", "tokens_per_s", "target_tokens_per_s", "peak_rss_mb", "peak_rss_mb_per_step_token",
+             "steps")  # the schema's fields, then extras
     ordered = [{k: row[k] for k in first} | {k: v for k, v in row.items() if k not in first} for row in rows]
     results = {
         "command": shlex.join(["python", "bench/sft.py", *argv]),
         "date": datetime.date.today().isoformat(),
-        "machine": machine,
+        "machine": {**machine, "load_avg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
         "setup": {
             "model": MODEL,
             "seq_len": args.seq_len,
             "batch": args.batch,
             "grad_accum": args.grad_accum,
             "lora": LORA,
-            "dtype": "bf16" if cuda else "fp32",
+            "dtype": "per row (precision)",
             "lr": args.lr,
             "steps": args.steps,
             "warmup": args.warmup,

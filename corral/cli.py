@@ -38,6 +38,7 @@ from corral.config import (
     RewardScoreConfig,
     ServeConfig,
     SFTConfig,
+    ToolEvalConfig,
     load_config,
     parse_value,
     shipped_config,
@@ -133,6 +134,11 @@ COMMANDS: dict[str, Command] = {
     "judge report": Command(
         JudgeReportConfig, "corral.recipes.judge:report",
         "scores with intervals, per category, relative scores, win rates, Elo: Markdown + HTML",
+    ),
+    "eval tools": Command(
+        ToolEvalConfig, "corral.eval.tools:run",
+        "tool calling on held-out conversations: well-formed calls, right function, exact arguments, no-tool, answers",
+        aliases={"--model": "model", "--data": "data"},
     ),
     "export gguf": Command(
         ExportGGUFConfig, "corral.recipes.export:gguf",

@@ -152,7 +152,8 @@ class RunConfig(Section):
     """What every training run shares: precision, checkpoints and resume, logging, seed."""
 
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
-        "auto", description="`auto`: bf16 on GPUs that support it, none on CPU."
+        "auto", description="`auto`: bf16 on GPUs and CPUs that compute it natively (AMX, AVX512-BF16), none on other "
+        "CPUs (CORRAL_CPU_BF16=0|1 forces the CPU's answer)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     save_every: int = Field(0, ge=0, description="Save a checkpoint every N steps (0: only at the end).")
@@ -188,6 +189,9 @@ class TrainConfig(OptimConfig, RunConfig):
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated into one optimizer step.")
     max_len: int = Field(512, ge=8, description="Maximum sequence length in tokens.")
     eval_every: int = Field(0, ge=0, description="Evaluate on the held-out data every N steps (0: only at the end).")
+    shared_prompt: bool = Field(True, description="Reward model and DPO: run each pair as one sequence, the prompt "
+                                "once, then both replies kept apart by the attention mask (same losses as two "
+                                "sequences, fewer tokens). false: two sequences. flash-attention 2 always runs two.")
 
 
 class LoraConfig(Section):
@@ -448,6 +452,8 @@ class ServeConfig(Section):
     votes: str = Field("arena_votes.jsonl", description="Arena votes from the web chat are appended here (JSONL).")
     engine: Literal["transformers", "vllm"] = Field("transformers", description="`vllm` needs a CUDA GPU.")
     max_batch: int = Field(32, ge=1, description="Most sequences decoded together (continuous batching).")
+    compile: bool = Field(False, description="Compile the transformers engine's decode step with torch.compile "
+                          "(a graph per batch-size bucket and cache width met, tens of seconds each on CPU).")
     max_tokens: int = Field(512, ge=1, description="Reply length when a request gives no max_tokens (less where the "
                             "prompt leaves less of the context).")
     max_tokens_limit: int | None = Field(None, ge=1, description="The most tokens a request may ask for (a 400 above "
@@ -652,6 +658,21 @@ class JudgeReportConfig(Section):
                            "question_id, turn, model_a, model_b, winner, judge), JSONL or a JSON list.")
     answers_dir: str = Field("", description="Answer files, for the answers' lengths (length-controlled win rate) "
                              "where the judgments lack them (FastChat's); default: OUTPUT_DIR/answers if present.")
+
+
+class ToolEvalConfig(Section):
+    model: ModelName = EMBEDDED_MODEL
+    data: str = Field("builtin:tools_test", description="Held-out tool-use conversations (OpenAI messages with "
+                      "`tools`); every assistant turn is a test case, the gold history before it the prompt.")
+    template: TemplateName = "auto"
+    output_dir: str = Field("runs/tool-eval", description="Where tool_eval.json (metrics and every turn) and "
+                            "tool_eval.md go.")
+    limit: int = Field(0, ge=0, description="Only the first N conversations (0: all).")
+    max_tokens: int = Field(128, ge=1, description="Most new tokens per reply (greedy).")
+    repetition_penalty: float = Field(1.0, gt=0, description="1.0: none; a call copies names and values from the "
+                                      "prompt, which a penalty would push the model away from.")
+    dtype: DType = "auto"
+    max_batch: int = Field(16, ge=1, description="Most replies decoded together.")
 
 
 class ExportGGUFConfig(Section):

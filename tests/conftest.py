@@ -11,6 +11,9 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `auto` precision the same on every machine (fp32, as the pinned figures were made): a CPU that computes bf16
+# natively would otherwise train under bf16 autocast. tests/unit/test_precision.py sets it both ways itself.
+os.environ.setdefault("CORRAL_CPU_BF16", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
 IDENTITY = ROOT / "corral" / "data" / "builtin" / "corral_identity.jsonl"
@@ -142,3 +145,25 @@ class ServerProcess:
         except Exception:
             self.proc.kill()
         self.log.close()
+
+
+WEB_WAIT_MS = 60_000  # generous: other tests may share a small CPU
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's `chromium`) through Playwright, for the web page's tests; skipped without them."""
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        pytest.skip("the playwright Python package is not installed (pip install playwright)")
+    import shutil
+
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.skip("no Chromium on PATH (apt-get install chromium); the web chat tests need a real browser")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
+        expect.set_options(timeout=WEB_WAIT_MS)
+        yield browser
+        browser.close()

@@ -11,6 +11,11 @@ Registered templates are declarations (TemplateSpec). `auto` uses the tokenizer'
 `chat_template`, segmented by rendering growing prefixes of the conversation. A registered
 template also exports itself as Jinja (`chat_template_jinja`), which is saved with checkpoints so
 that plain transformers/vLLM format prompts exactly as Corral trained them.
+
+Tool use (chat/tools.py): `chatml` writes Hermes/Qwen2.5 `<tool_call>` blocks, `llama3` Llama 3.1's JSON
+calls, `auto` whatever the tokenizer's template does with `tools=`; every other template refuses a
+conversation with tools. A call's text and its end-of-turn are trained like a reply; tool definitions and
+results are template text, never trained.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from corral.chat.conversation import Conversation, Message
+from corral.chat.conversation import Conversation, Message, ToolCall, next_roles
+from corral.chat.tools import (
+    TOOL_FORMATS, ToolError, Wire, check_tools, dumps, render_call, render_calls, tools_text,
+)
 
 IGNORE_INDEX = -100
 
@@ -44,6 +52,7 @@ class TemplateSpec:
     system_in_first_user: str | None = None  # llama2 puts the system prompt inside the first user message
     stop: tuple[str, ...] = ("{eos}",)  # end-of-turn strings: generation stops there
     doc: str = ""
+    tools: str | None = None  # the tool-calling style (chat/tools.py TOOL_FORMATS), None: no tools
 
 
 TEMPLATES: dict[str, TemplateSpec] = {
@@ -84,7 +93,8 @@ TEMPLATES: dict[str, TemplateSpec] = {
             reply="{content}<|im_end|>",
             after_reply="\n",
             stop=("<|im_end|>",),
-            doc="ChatML (SmolLM2, Qwen, many others)",
+            doc="ChatML (SmolLM2, Qwen, many others); tools as Hermes / Qwen2.5 <tool_call> blocks",
+            tools="hermes",
         ),
         TemplateSpec(
             name="llama2",
@@ -102,7 +112,8 @@ TEMPLATES: dict[str, TemplateSpec] = {
             assistant_prompt="<|start_header_id|>assistant<|end_header_id|>\n\n",
             reply="{content}<|eot_id|>",
             stop=("<|eot_id|>",),
-            doc="Llama 3 / 3.1 instruct",
+            doc="Llama 3 / 3.1 instruct; tools as Llama 3.1 JSON calls, one per turn",
+            tools="llama3",
         ),
     ]
 }
@@ -111,20 +122,30 @@ TEMPLATE_NAMES = (*TEMPLATES, "auto")
 
 
 def check_conversation(conv: Conversation, for_training: bool) -> None:
-    """Roles must be: optional system, then user/assistant alternating from user."""
+    """Roles must be: optional system, then user/assistant alternating from user, where an assistant message
+    with tool calls is followed by their results (`tool` messages) and then the assistant's next turn. Tool
+    use must fit together (tools.check_tools)."""
     where = f"{conv.source}: " if conv.source else ""
     turns = conv.turns
     if not turns:
         raise TemplateError(f"{where}conversation has no user or assistant messages")
+    previous = None
     for i, m in enumerate(turns):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if m.role != expected:
-            raise TemplateError(f"{where}message {i}: expected role '{expected}', got '{m.role}'")
+        expected = next_roles(previous)
+        if m.role not in expected:
+            raise TemplateError(f"{where}message {i}: expected role {' or '.join(repr(r) for r in expected)}, "
+                                f"got '{m.role}'")
+        previous = m
     last = turns[-1].role
     if for_training and last != "assistant":
         raise TemplateError(f"{where}a training conversation must end with an assistant reply")
-    if not for_training and last != "user":
-        raise TemplateError(f"{where}a prompt must end with a user message")
+    if not for_training and last not in ("user", "tool"):
+        raise TemplateError(f"{where}a prompt must end with a user message (or tool results)")
+    if conv.uses_tools:
+        try:
+            check_tools(conv, conv.source)
+        except ToolError as e:
+            raise TemplateError(str(e)) from None
 
 
 class _Renderer:
@@ -210,7 +231,8 @@ class SpecFormat(_Renderer):
 
         resolved = {k: resolve(v) for k, v in fields.items()}
         self.spec = TemplateSpec(
-            name=spec.name, default_system=spec.default_system, stop=tuple(resolve(s) for s in spec.stop), **resolved
+            name=spec.name, default_system=spec.default_system, stop=tuple(resolve(s) for s in spec.stop),
+            tools=spec.tools, **resolved,
         )
         self._check_special_tokens()
         self.stop_strings = list(self.spec.stop)
@@ -237,25 +259,54 @@ class SpecFormat(_Renderer):
 
     def segments(self, conv: Conversation, add_generation_prompt: bool) -> list[Segment]:
         spec = self.spec
+        style = TOOL_FORMATS[spec.tools] if spec.tools else None
+        if conv.uses_tools and style is None:
+            where = f"{conv.source}: " if conv.source else ""
+            raise TemplateError(f"{where}template '{self.name}' cannot carry tool definitions, calls or results: "
+                                "use template=chatml (Hermes/Qwen2.5 style), llama3 (Llama 3.1 JSON calls), or auto "
+                                "with a tokenizer whose chat_template supports tools")
         system = conv.system if conv.system is not None else spec.default_system
+        if style is not None and conv.tools and style.place == "system":
+            system = (system + style.system_join if system else "") + tools_text(style, conv.tools)
         segs: list[Segment] = [(spec.start, False)]
         if system and spec.system_in_first_user is None:
             segs.append((_fill(spec.system, system), False))
-        for i, message in enumerate(conv.turns):
+        turns = conv.turns
+        for i, message in enumerate(turns):
             if message.role == "user":
                 content = message.content
                 if i == 0 and system and spec.system_in_first_user is not None:
                     content = spec.system_in_first_user.replace("{system}", system).replace("{content}", content)
+                if i == 0 and style is not None and conv.tools and style.place == "first_user":
+                    content = tools_text(style, conv.tools) + content
                 segs.append((_fill(spec.user, content), False))
+            elif message.role == "tool":
+                first = turns[i - 1].role != "tool"
+                last = i + 1 == len(turns) or turns[i + 1].role != "tool"
+                text = (style.result_open if first else "") + _fill(style.result, message.content)
+                segs.append((text + (style.result_close if last else ""), False))
             else:
+                reply = message.content
+                if message.tool_calls:
+                    reply = self._calls_text(conv, i, message, style.wire)
                 segs += [
                     (spec.assistant_prompt, False),
-                    (_fill(spec.reply, message.content), True),
+                    (_fill(spec.reply, reply), True),
                     (spec.after_reply, False),
                 ]
         if add_generation_prompt:
             segs.append((spec.assistant_prompt, False))
         return segs
+
+    def _calls_text(self, conv: Conversation, i: int, message: Message, wire: Wire) -> str:
+        """An assistant turn's text and calls as this template writes them (refusing what its style cannot)."""
+        if wire.separator is None and (len(message.tool_calls) > 1 or message.content):
+            where = f"{conv.source}: " if conv.source else ""
+            what = f"{len(message.tool_calls)} parallel calls" if len(message.tool_calls) > 1 else "text and a call"
+            raise TemplateError(f"{where}message {i}: template '{self.name}' writes one tool call per assistant turn "
+                                f"and nothing else (Llama 3.1's JSON tool calling), but this turn has {what}; "
+                                "use template=chatml for parallel calls, or split them into turns")
+        return render_calls(wire, message.content, message.tool_calls)
 
 
 def _jinja_str(text: str) -> str:
@@ -263,11 +314,17 @@ def _jinja_str(text: str) -> str:
 
 
 def _spec_to_jinja(spec: TemplateSpec) -> str:
-    """The same template as a Jinja chat_template, for transformers' apply_chat_template and vLLM."""
+    """The same template as a Jinja chat_template, for transformers' apply_chat_template and vLLM. A template
+    with a tool style also renders `tools=` and HF-shaped messages (`tool_calls` with `function.arguments`
+    as a dict or a JSON string, role `tool`) as Corral does."""
     user_pre, user_post = spec.user.split("{content}")
     reply_pre, reply_post = spec.reply.split("{content}")
     sys_pre, sys_post = spec.system.split("{content}")
     q = _jinja_str
+    style = TOOL_FORMATS[spec.tools] if spec.tools else None
+    first_content = "message['content']"
+    if style is not None and style.place == "first_user":
+        first_content = "(tools_text if tools else '') + message['content']"
     if spec.system_in_first_user is not None:
         siu_pre, rest = spec.system_in_first_user.split("{system}")
         siu_mid, siu_post = rest.split("{content}")
@@ -276,11 +333,53 @@ def _spec_to_jinja(spec: TemplateSpec) -> str:
         )
         system_block = ""
     else:
-        first_user = f"{{{{ {q(user_pre)} + message['content'] + {q(user_post)} }}}}"
+        first_user = f"{{{{ {q(user_pre)} + {first_content} + {q(user_post)} }}}}"
         system_block = f"{{%- if system -%}}{{{{ {q(sys_pre)} + system + {q(sys_post)} }}}}{{%- endif -%}}"
     default = q(spec.default_system) if spec.default_system is not None else "none"
+    tools_setup, assistant, tool_branch = "", "message['content']", ""
+    if style is not None:
+        tojson = f"tojson(indent={style.indent})" if style.indent is not None else "tojson"
+        tools_setup = (
+            "{%- set ns = namespace(text='') -%}{%- for tool in (tools or []) -%}"
+            f"{{%- set ns.text = ns.text + {q(style.before)} + (tool | {tojson}) + {q(style.after)} -%}}"
+            f"{{%- endfor -%}}{{%- set tools_text = {q(style.head)} + ns.text + {q(style.tail)} -%}}"
+        )
+        if style.place == "system":
+            system_block = (
+                f"{{%- if tools -%}}{{{{ {q(sys_pre)} + (system + {q(style.system_join)} if system else '') + "
+                f"tools_text + {q(sys_post)} }}}}{{%- elif system -%}}{{{{ {q(sys_pre)} + system + {q(sys_post)} }}}}"
+                "{%- endif -%}"
+            )
+        wire = style.wire
+        # A call's body as tools.dumps writes it: '{"name": ' + name + ', "<key>": ' + arguments + '}'.
+        opening, middle, closing = wire.prefix + '{"name": ', ', "' + wire.key + '": ', "}" + wire.suffix
+        single = "" if wire.separator is not None else (
+            "{%- if message['tool_calls'] | length > 1 -%}{{ raise_exception("
+            f"{q(f'template {spec.name} writes one tool call per assistant turn')}) }}}}{{%- endif -%}}"
+        )  # fmt: skip
+        assistant = (
+            f"{single}{{%- if message['tool_calls'] -%}}"
+            f"{{%- if message['content'] -%}}{{{{ message['content'] + {q(wire.after_content)} }}}}{{%- endif -%}}"
+            "{%- for call in message['tool_calls'] -%}"
+            "{%- set f = call['function'] if call['function'] is defined else call -%}"
+            f"{{%- if not loop.first -%}}{{{{ {q(wire.separator or '')} }}}}{{%- endif -%}}"
+            f"{{{{ {q(opening)} + (f['name'] | tojson) + {q(middle)} + "
+            f"(f['arguments'] if f['arguments'] is string else (f['arguments'] | tojson)) + {q(closing)} }}}}"
+            "{%- endfor -%}"
+            "{%- else -%}{{ message['content'] }}{%- endif -%}"
+        )
+        result_pre, result_post = style.result.split("{content}")
+        tool_branch = (
+            "{%- elif message['role'] == 'tool' -%}"
+            "{%- if loop.first or loop_messages[loop.index0 - 1]['role'] != 'tool' -%}"
+            f"{{{{ {q(style.result_open)} }}}}{{%- endif -%}}"
+            f"{{{{ {q(result_pre)} + message['content'] + {q(result_post)} }}}}"
+            "{%- if loop.last or loop_messages[loop.index0 + 1]['role'] != 'tool' -%}"
+            f"{{{{ {q(style.result_close)} }}}}{{%- endif -%}}"
+        )
     return (
         f"{{{{ {q(spec.start)} }}}}"
+        f"{tools_setup}"
         "{%- if messages and messages[0]['role'] == 'system' -%}"
         "{%- set system = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}"
         f"{{%- else -%}}{{%- set system = {default} -%}}{{%- set loop_messages = messages -%}}{{%- endif -%}}"
@@ -288,8 +387,13 @@ def _spec_to_jinja(spec: TemplateSpec) -> str:
         "{%- for message in loop_messages -%}"
         "{%- if message['role'] == 'user' -%}"
         f"{{%- if loop.first and system -%}}{first_user}"
-        f"{{%- else -%}}{{{{ {q(user_pre)} + message['content'] + {q(user_post)} }}}}{{%- endif -%}}"
-        f"{{%- else -%}}{{{{ {q(spec.assistant_prompt + reply_pre)} + message['content'] + {q(reply_post + spec.after_reply)} }}}}"
+        + (f"{{%- elif loop.first -%}}{{{{ {q(user_pre)} + {first_content} + {q(user_post)} }}}}"
+           if first_content != "message['content']" else "")
+        + f"{{%- else -%}}{{{{ {q(user_pre)} + message['content'] + {q(user_post)} }}}}{{%- endif -%}}"
+        f"{tool_branch}"
+        f"{{%- else -%}}{{{{ {q(spec.assistant_prompt + reply_pre)} }}}}{assistant if style else ''}"
+        + ("" if style else "{{ message['content'] }}")
+        + f"{{{{ {q(reply_post + spec.after_reply)} }}}}"
         "{%- endif -%}"
         "{%- endfor -%}"
         f"{{%- if add_generation_prompt -%}}{{{{ {q(spec.assistant_prompt)} }}}}{{%- endif -%}}"
@@ -312,6 +416,13 @@ class TokenizerFormat(_Renderer):
     against the blocks' sum; the segments are then what the prefix renderings would give. A template that
     does anything else (drops or rewrites earlier turns, depends on the content, trims it, ...) fails the
     learning or the check, and its conversations take the prefix renderings as before.
+
+    Tools: when the template renders `tools=` (its source mentions tools and a probe tool changes the
+    output), conversations with tools are rendered with `tools=conv.tools` and HF-shaped messages, always by
+    prefix renderings; an assistant turn with calls is trained from its first character to its end-of-turn.
+    The call format (`tool_wire`, for parse_tool_calls and constrained decoding) is learned from a probe
+    call's rendering: a JSON body `{"name", <key>: {...}}` written as tools.dumps writes it between fixed
+    texts; a template that writes calls otherwise still trains, but has no wire (None).
     """
 
     name = "auto"
@@ -335,13 +446,72 @@ class TokenizerFormat(_Renderer):
         if end and len(end_ids := tokenizer(end, add_special_tokens=False)["input_ids"]) == 1:
             ids |= set(end_ids)
         self.stop_token_ids = sorted(ids)
+        self.supports_tools = self._renders_tools()
+        self.tool_wire = self._learn_tool_wire() if self.supports_tools else None
 
-    def _apply(self, messages: list[Message], add_generation_prompt: bool) -> str:
+    def _apply(self, messages: list[Message], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
         return self.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages],
-            tokenize=False,
+            [m.to_hf() for m in messages], tools=tools or None, tokenize=False,
             add_generation_prompt=add_generation_prompt,
-        )
+        )  # fmt: skip
+
+    def _refusing(self, where: str, messages: list[Message], add_generation_prompt: bool, tools: list[dict]) -> str:
+        """`_apply` with tools, where the template's own refusal (Llama 3.1's of parallel calls, say) is a
+        TemplateError naming the conversation rather than a Jinja traceback."""
+        try:
+            return self._apply(messages, add_generation_prompt, tools)
+        except Exception as e:  # raise_exception() in the template, or a message shape it cannot render
+            raise TemplateError(f"{where}the tokenizer's chat_template refuses this conversation's tool use: "
+                                f"{type(e).__name__}: {e}") from None
+
+    def _renders_tools(self) -> bool:
+        """Whether the chat template renders tool definitions: it mentions them, and a probe tool changes the
+        rendering of a one-message conversation."""
+        if "tools" not in str(self.chat_template_jinja):
+            return False
+        probe = [Message("user", "corral-probe")]
+        try:
+            return self._apply(probe, True, [PROBE_TOOL]) != self._apply(probe, True)
+        except Exception:  # a template that fails on tools does not support them
+            return False
+
+    def _learn_tool_wire(self) -> Wire | None:
+        """The call format, from the renderings of a probe call (one, two, and one after text)."""
+        user = Message("user", "corral-probe")
+        prompt = self._apply([user], True, [PROBE_TOOL])
+        end = self.stop_strings[0] if self.stop_strings else ""
+
+        def reply(content: str, calls: list[ToolCall]) -> str | None:
+            try:
+                full = self._apply([user, Message("assistant", content, calls)], False, [PROBE_TOOL])
+            except Exception:
+                return None
+            if not full.startswith(prompt):
+                return None
+            added = full[len(prompt) :]
+            return added[: added.find(end)] if end and end in added else added.rstrip()
+
+        one = reply("", [PROBE_CALLS[0]])
+        if one is None:
+            return None
+        found = None
+        for key in ("arguments", "parameters"):
+            body = dumps({"name": PROBE_CALLS[0].name, key: PROBE_CALLS[0].arguments})
+            if one.count(body) == 1:
+                found = key, body
+        if found is None:
+            return None
+        key, body = found
+        prefix, suffix = one.split(body)
+        wire = Wire(prefix.lstrip(), suffix, key, separator=None, after_content="")
+        two = reply("", PROBE_CALLS)
+        first, second = (render_call(wire, call) for call in PROBE_CALLS)
+        if two is not None and two.lstrip().startswith(first) and two.endswith(second):
+            wire = Wire(wire.prefix, suffix, key, separator=two.lstrip()[len(first) : len(two.lstrip()) - len(second)])
+        text = reply("corral-probe-text", [PROBE_CALLS[0]])
+        if text is not None and text.startswith("corral-probe-text") and text.endswith(first):
+            wire = Wire(wire.prefix, suffix, key, wire.separator, text[len("corral-probe-text") : -len(first)])
+        return wire
 
     def _learn_turn_model(self) -> dict | None:
         """Per-message blocks (role, header, footer) and the generation prompt, for conversations with and
@@ -402,28 +572,46 @@ class TokenizerFormat(_Renderer):
         end = next((tok for tok in self._special_tokens if rest.startswith(tok)), "")
         return [(head + added[:at], False), (content + end, True), (rest[len(end) :], False)]
 
+    def _call_segments(self, head: str, added: str) -> list[Segment]:
+        """The segments of an assistant turn with calls: what the turn adds, from its first non-blank character
+        to the end-of-turn token, is trained."""
+        body = added.lstrip()
+        lead = added[: len(added) - len(body)]
+        end = self.stop_strings[0] if self.stop_strings else ""
+        cut = body.find(end) + len(end) if end and end in body else len(body.rstrip())
+        return [(head + lead, False), (body[:cut], True), (body[cut:], False)]
+
     def segments(self, conv: Conversation, add_generation_prompt: bool) -> list[Segment]:
         where = f"{conv.source}: " if conv.source else ""
         messages = conv.messages
-        if self._turn_model is not None and messages:
+        tools = conv.tools or None
+        if conv.uses_tools and not self.supports_tools:
+            raise TemplateError(f"{where}the tokenizer's chat_template does not render tools, so this conversation's "
+                                "tool definitions, calls or results cannot be formatted: use template=chatml "
+                                "(Hermes/Qwen2.5 style) or llama3 (Llama 3.1 JSON calls)")
+        if self._turn_model is not None and messages and not conv.uses_tools:
             found = self._segments_by_blocks(where, messages, add_generation_prompt)
             if found is not None:
                 return found
+        apply = self._apply if tools is None else lambda m, generation: self._refusing(where, m, generation, tools)
         segs: list[Segment] = []
         done = ""  # text already segmented
         for i, message in enumerate(messages):
             if message.role != "assistant":
                 continue
-            prompt = self._apply(messages[:i], add_generation_prompt=True)
-            full = self._apply(messages[: i + 1], add_generation_prompt=False)
+            prompt = apply(messages[:i], True)
+            full = apply(messages[: i + 1], False)
             if not prompt.startswith(done) or not full.startswith(prompt):
                 raise TemplateError(
                     f"{where}the tokenizer's chat_template renders turn {i} differently once later turns are "
                     "added (not a prefix), so labels cannot be placed safely; choose a registered template"
                 )
-            segs += self._reply_segments(where, i, prompt[len(done) :], full[len(prompt) :], message.content)
+            if message.tool_calls:
+                segs += self._call_segments(prompt[len(done) :], full[len(prompt) :])
+            else:
+                segs += self._reply_segments(where, i, prompt[len(done) :], full[len(prompt) :], message.content)
             done = full
-        final = self._apply(messages, add_generation_prompt=add_generation_prompt)
+        final = apply(messages, add_generation_prompt)
         if not final.startswith(done):
             raise TemplateError(f"{where}the tokenizer's chat_template is not prefix-consistent")
         segs.append((final[len(done) :], False))
@@ -454,6 +642,13 @@ class TokenizerFormat(_Renderer):
             start += len(block)
         segs.append((joined[done:] + (generation if add_generation_prompt else ""), False))
         return segs
+
+
+PROBE_TOOL = {"type": "function", "function": {
+    "name": "corral_probe", "description": "A probe.",
+    "parameters": {"type": "object", "properties": {"x": {"type": "string"}}, "required": ["x"]}}}  # fmt: skip
+PROBE_CALLS = [ToolCall("call_probe1", "corral_probe", {"x": "corral-probe-1"}),
+               ToolCall("call_probe2", "corral_probe", {"x": "corral-probe-2"})]  # fmt: skip
 
 
 def get_template(name: str, tokenizer) -> SpecFormat | TokenizerFormat:

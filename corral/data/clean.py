@@ -64,9 +64,34 @@ def to_sample(input_ids: list[int], labels: list[int], source: str = "") -> Samp
 
 
 def exchanges_of(conv: Conversation) -> list[list[Message]]:
-    """The turns in exchanges: [user, assistant], ... (a trailing user turn is an exchange of its own)."""
-    turns = conv.turns
-    return [turns[i : i + 2] for i in range(0, len(turns), 2)]
+    """The turns in exchanges: [user, assistant], ... (a trailing user turn is an exchange of its own). With
+    tool use an exchange runs from a user message to the next: [user, assistant with calls, tool, ...,
+    assistant], so a cut never separates a call from its results."""
+    exchanges: list[list[Message]] = []
+    for message in conv.turns:
+        if message.role == "user" or not exchanges:
+            exchanges.append([message])
+        else:
+            exchanges[-1].append(message)
+    return exchanges
+
+
+def _replies(exchanges: list[list[Message]]) -> int:
+    return sum(m.role == "assistant" for exchange in exchanges for m in exchange)
+
+
+def _exchange_ends(reply_ends: list[int] | None, exchanges: list[list[Message]]) -> list[int] | None:
+    """The token index past each exchange's last reply, from the index past each reply (`_reply_ends`)."""
+    if reply_ends is None:
+        return None
+    ends, k = [], 0
+    for exchange in exchanges:
+        replies = sum(m.role == "assistant" for m in exchange)
+        if not replies:  # a trailing user turn
+            break
+        k += replies
+        ends.append(reply_ends[k - 1])
+    return ends
 
 
 def _reply_ends(labels: list[int], replies: int) -> list[int] | None:
@@ -151,7 +176,7 @@ def _plan(n: int, full_length: int, ends: list[int] | None, max_len: int,
 def _piece(conv: Conversation, exchanges: list[list[Message]], start: int, end: int, **fields) -> Conversation:
     system = [conv.messages[0]] if conv.system is not None else []
     turns = [m for exchange in exchanges[start:end] for m in exchange]
-    return Conversation(system + turns, **({"source": conv.source} | fields))
+    return Conversation(system + turns, **({"source": conv.source, "tools": conv.tools} | fields))
 
 
 def plan_pieces(conv: Conversation, fmt, max_len: int,
@@ -171,7 +196,7 @@ def plan_pieces(conv: Conversation, fmt, max_len: int,
             renders[start, end] = fmt.render_with_masks(_piece(conv, exchanges, start, end))
         return renders[start, end]
 
-    ends = _reply_ends(labels, sum(len(e) == 2 for e in exchanges))
+    ends = _exchange_ends(_reply_ends(labels, _replies(exchanges)), exchanges)
     if ends is not None and len(ends) < n:  # a trailing user turn: its span runs to the end
         ends.append(len(ids))
     cuts = _plan(n, len(ids), ends, max_len, lambda start, end: len(render(start, end)[0]))
@@ -263,7 +288,7 @@ def split_long(conv: Conversation, fmt, max_len: int) -> tuple[list[Conversation
                 lengths[start, end] = sum(t for t, _ in measure.units(_piece(conv, exchanges, start, end)))
             return lengths[start, end]
 
-        ends = _unit_reply_ends(units, sum(len(e) == 2 for e in exchanges)) if full > max_len else None
+        ends = _exchange_ends(_unit_reply_ends(units, _replies(exchanges)), exchanges) if full > max_len else None
         if ends is not None and len(ends) < n:
             ends.append(full)
         cuts = _plan(n, full, ends, max_len, length)
@@ -276,7 +301,7 @@ def split_long(conv: Conversation, fmt, max_len: int) -> tuple[list[Conversation
     if len(cuts) == 1:
         return [conv], too_long
     out = [_piece(conv, exchanges, start, end, source=f"{conv.source} (part {k + 1}/{len(cuts)})",
-                  id=f"{conv.id}_{2 * start}" if conv.id else "", meta=dict(conv.meta))
+                  id=f"{conv.id}_{sum(len(e) for e in exchanges[:start])}" if conv.id else "", meta=dict(conv.meta))
            for k, (start, end) in enumerate(cuts)]  # fmt: skip
     return out, too_long
 

@@ -8,6 +8,10 @@ byte-order mark. Every error names the file, the line (or record index) and the 
 not UTF-8 also gets its byte offset, a duplicate JSON key its name. With `skip_invalid`, bad records are
 dropped, counted and reported by reason: never dropped silently. Fields a reader does not use are
 reported once per file, with a count, so a misspelt field does not vanish unnoticed.
+
+Tool use: OpenAI messages with a record's `tools`, assistant `tool_calls` and `tool` results; ShareGPT in
+LLaMA-Factory's (glaive's) variant, with `function_call` and `observation` turns and `tools`. Either becomes
+messages with ToolCalls and `tool` messages, checked by chat/tools.check_tools.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from corral.chat.conversation import Conversation, Message
+from corral.chat.conversation import Conversation, Message, ToolCall, next_roles
 
 SHAREGPT_ROLES = {
     "human": "user", "user": "user",
@@ -31,11 +35,13 @@ SHAREGPT_ROLES = {
     "system": "system",
 }  # fmt: skip
 OPENAI_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
+OPENAI_TOOL_ROLES = {**OPENAI_ROLES, "tool": "tool"}
+SHAREGPT_TOOL_ROLES = {**SHAREGPT_ROLES, "function_call": "assistant", "observation": "tool", "tool": "tool"}
 FORMATS = ("auto", "sharegpt", "openai", "alpaca", "self_instruct")
 # The fields each format reads (top level, then inside each turn or instance); any other is reported as unused.
 USED_FIELDS = {
-    "sharegpt": ({"id", "conversations", "system"}, "conversations", {"from", "value"}),
-    "openai": ({"id", "messages"}, "messages", {"role", "content"}),
+    "sharegpt": ({"id", "conversations", "system", "tools"}, "conversations", {"from", "value", "tool_call_id"}),
+    "openai": ({"id", "messages", "tools"}, "messages", {"role", "content", "tool_calls", "tool_call_id", "name"}),
     "alpaca": ({"id", "instruction", "input", "output", "system"}, None, set()),
     "self_instruct": ({"id", "instruction", "instances"}, "instances", {"input", "output"}),
 }
@@ -457,20 +463,213 @@ def parse_turns(items: Any, list_field: str, role_key: str, text_key: str, roles
     for i, item in enumerate(items):
         where = f"{list_field}[{i}]"
         role, raw_role, content = read_turn(item, where, role_key, text_key, roles)
-        # Alternation is checked here, against the source's own field names, so errors point at the record.
-        expected = _expected_role(messages)
-        if role == "system" and i != 0:
-            raise DataError(f"field '{where}.{role_key}': a system message is only allowed first")
-        if role != "system" and role != expected:
-            raise DataError(f"field '{where}.{role_key}': roles must alternate user/assistant starting with user; "
-                            f"expected {expected}, got '{raw_role}'")
+        _check_order(messages, role, raw_role, f"{where}.{role_key}", i)
         messages.append(Message(role, content))  # type: ignore[arg-type]
     return messages
 
 
-def _expected_role(messages: list[Message]) -> str:
+def _check_order(messages: list[Message], role: str, raw_role: str, where: str, i: int) -> None:
+    """Alternation is checked while reading, against the source's own field names, so errors point at the record."""
+    if role == "system" and i != 0:
+        raise DataError(f"field '{where}': a system message is only allowed first")
     turns = [m for m in messages if m.role != "system"]
-    return "user" if len(turns) % 2 == 0 else "assistant"
+    expected = next_roles(turns[-1] if turns else None)
+    if role != "system" and role not in expected:
+        raise DataError(f"field '{where}': roles must alternate user/assistant starting with user"
+                        + (", a tool call's results right after it" if role == "tool" or "tool" in expected else "")
+                        + f"; expected {' or '.join(expected)}, got '{raw_role}'")
+
+
+# ---------------------------------------------------------------------------------------------- tool use
+def uses_tools(record: dict, data_format: str) -> bool:
+    """Whether a ShareGPT or OpenAI record has tool definitions, calls or results (then the tool readers
+    read it; a plain record reads exactly as before)."""
+    if "tools" in record:
+        return True
+    if data_format == "openai":
+        items = record.get("messages")
+        return isinstance(items, list) and any(
+            isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool") for m in items)  # fmt: skip
+    items = record.get("conversations")
+    return isinstance(items, list) and any(
+        isinstance(t, dict) and str(t.get("from")).lower() in ("function_call", "observation", "tool") for t in items)
+
+
+def read_tools(value: Any, where: str = "tools") -> list[dict]:
+    """A record's tool definitions (a list, or a JSON string of one, as LLaMA-Factory writes them), each
+    OpenAI-shaped `{"type": "function", "function": {...}}` or the bare function: returned OpenAI-shaped."""
+    if isinstance(value, str):
+        if not value.strip():
+            return []
+        try:
+            value = parse_json(value)
+        except json.JSONDecodeError as e:
+            raise DataError(f"field '{where}': not JSON ({e.msg}, column {e.colno})") from None
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise DataError(f"field '{where}': expected a list of tool definitions, got {type(value).__name__}")
+    tools = []
+    for k, tool in enumerate(value):
+        at = f"{where}[{k}]"
+        if not isinstance(tool, dict):
+            raise DataError(f"field '{at}': expected an object, got {type(tool).__name__}")
+        if "function" in tool:
+            if not isinstance(tool["function"], dict):
+                raise DataError(f"field '{at}.function': expected an object, got {type(tool['function']).__name__}")
+            if tool.get("type", "function") != "function":
+                raise DataError(f"field '{at}.type': '{tool.get('type')}' (only \"function\" tools are supported)")
+            function, at = tool["function"], f"{at}.function"
+        else:
+            function = tool
+        require_str(function.get("name"), f"{at}.name")
+        if "parameters" in function and not isinstance(function["parameters"], dict):
+            raise DataError(f"field '{at}.parameters': expected a JSON schema object, "
+                            f"got {type(function['parameters']).__name__}")
+        tools.append({"type": "function", "function": function})
+    return tools
+
+
+def _arguments(value: Any, where: str) -> dict:
+    """A call's arguments: a JSON object, or a string holding one (OpenAI sends them as a string)."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = parse_json(value)
+        except json.JSONDecodeError as e:
+            raise DataError(f"field '{where}': not JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"field '{where}': expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _call(name: Any, arguments: Any, call_id: Any, where: str, names: set[str], id_where: str) -> ToolCall:
+    """One ToolCall (`where` the field of its name and arguments), its name checked against the record's tools
+    when it has any; a call without an id gets a new one."""
+    from corral.chat.tools import new_call_id
+
+    name = require_str(name, f"{where}.name")
+    if names and name not in names:
+        raise DataError(f"field '{where}.name': '{name}' is not one of the tools ({', '.join(sorted(names))})")
+    call_id = require_str(call_id, id_where) if call_id not in (None, "") else new_call_id()
+    return ToolCall(call_id, name, _arguments(arguments, f"{where}.arguments"))
+
+
+def _check_tools(messages: list[Message], tools: list[dict], list_field: str, shift: int = 0) -> None:
+    from corral.chat.tools import ToolError, check_tools
+
+    try:
+        check_tools(Conversation(messages, tools=tools), list_field=list_field, shift=shift)
+    except ToolError as e:
+        raise DataError(str(e)) from None
+
+
+def parse_openai_tool_messages(items: Any, tools: list[dict]) -> list[Message]:
+    """OpenAI messages with tool use: assistant `tool_calls` (`[{"id", "type": "function", "function": {"name",
+    "arguments"}}]`, arguments a JSON string or an object; content may be null) and `tool` results
+    (`tool_call_id`, `content`)."""
+    if not isinstance(items, list) or not items:
+        raise DataError("field 'messages': expected a non-empty list")
+    names = {tool["function"]["name"] for tool in tools}
+    messages: list[Message] = []
+    for i, item in enumerate(items):
+        where = f"messages[{i}]"
+        calls_value = item.get("tool_calls") if isinstance(item, dict) else None
+        if calls_value and item.get("content") is None:
+            item = {**item, "content": ""}
+        role, raw_role, content = read_turn(item, where, "role", "content", OPENAI_TOOL_ROLES,
+                                            allow_empty=bool(calls_value) or item.get("role") == "tool")
+        calls = []
+        if calls_value:
+            if role != "assistant":
+                raise DataError(f"field '{where}.tool_calls': only an assistant message makes calls")
+            if not isinstance(calls_value, list):
+                raise DataError(f"field '{where}.tool_calls': expected a list, got {type(calls_value).__name__}")
+            for j, call in enumerate(calls_value):
+                at = f"{where}.tool_calls[{j}]"
+                if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+                    raise DataError(f"field '{at}.function': expected an object with 'name' and 'arguments'")
+                function = call["function"]
+                calls.append(_call(function.get("name"), function.get("arguments"), call.get("id"), f"{at}.function",
+                                   names, f"{at}.id"))  # fmt: skip
+        call_id = require_str(item.get("tool_call_id") or "", f"{where}.tool_call_id", allow_empty=True)
+        name = require_str(item.get("name") or "", f"{where}.name", allow_empty=True) if role == "tool" else ""
+        _check_order(messages, role, raw_role, f"{where}.role", i)
+        call_id = call_id if role == "tool" else ""
+        messages.append(Message(role, content, calls, call_id, name))  # type: ignore[arg-type]
+    _check_tools(messages, tools, "messages")
+    return messages
+
+
+def parse_sharegpt_tool_turns(items: Any, tools: list[dict], roles: dict[str, str] = SHAREGPT_TOOL_ROLES
+                              ) -> list[Message]:  # fmt: skip
+    """ShareGPT turns in LLaMA-Factory's variant: a `function_call` turn's value is a JSON object `{"name",
+    "arguments"}` (or a list of them: parallel calls), an `observation` turn is a call's result; a `gpt` turn
+    right before a `function_call` is the text the calls come with. Results answer the open calls in order
+    (or the call a turn's `tool_call_id` names), and get that call's id."""
+    if not isinstance(items, list) or not items:
+        raise DataError("field 'conversations': expected a non-empty list")
+    names = {tool["function"]["name"] for tool in tools}
+    messages: list[Message] = []
+    open_calls: list[str] = []
+    made: set[str] = set()
+    for i, item in enumerate(items):
+        where = f"conversations[{i}]"
+        raw = str(item.get("from")).lower() if isinstance(item, dict) else ""
+        if raw == "function_call" and isinstance(item.get("value"), (dict, list)):  # the object itself, not its text
+            item = {**item, "value": json.dumps(item["value"], ensure_ascii=False)}
+        role, raw_role, content = read_turn(item, where, "from", "value", roles,
+                                            allow_empty=raw in ("observation", "tool"))  # fmt: skip
+        if raw == "function_call":
+            calls = _sharegpt_calls(item["value"], f"{where}.value", names)
+            for k, call in enumerate(calls):
+                if call.id in made:
+                    raise DataError(f"field '{where}.value{f'[{k}]' if len(calls) > 1 else ''}.id': call id "
+                                    f"'{call.id}' is used twice")
+                made.add(call.id)
+            previous = messages[-1] if messages else None
+            if previous is not None and previous.role == "assistant" and not previous.tool_calls and open_calls == []:
+                messages[-1] = Message("assistant", previous.content, calls)  # the text the calls come with
+            else:
+                _check_order(messages, "assistant", raw_role, f"{where}.from", i)
+                messages.append(Message("assistant", "", calls))
+            open_calls = [call.id for call in calls]
+            continue
+        _check_order(messages, role, raw_role, f"{where}.from", i)
+        if role == "tool":
+            call_id = require_str(item.get("tool_call_id") or "", f"{where}.tool_call_id", allow_empty=True)
+            if not open_calls:
+                raise DataError(f"field '{where}': an observation with no unanswered function_call before it")
+            if call_id and call_id not in open_calls:
+                raise DataError(f"field '{where}.tool_call_id': no open call '{call_id}' before this observation")
+            call_id = call_id or open_calls[0]
+            open_calls.remove(call_id)
+            messages.append(Message("tool", content, tool_call_id=call_id))
+        else:
+            if open_calls:
+                raise DataError(f"field '{where}': the function_call before it has {len(open_calls)} call(s) "
+                                "with no observation")
+            messages.append(Message(role, content))  # type: ignore[arg-type]
+    return messages
+
+
+def _sharegpt_calls(value: str, where: str, names: set[str]) -> list[ToolCall]:
+    try:
+        found = parse_json(value)
+    except json.JSONDecodeError as e:
+        raise DataError(f"field '{where}': not JSON ({e.msg}, column {e.colno})") from None
+    items = found if isinstance(found, list) else [found]
+    if not items:
+        raise DataError(f"field '{where}': an empty list of calls")
+    calls = []
+    for k, body in enumerate(items):
+        at = f"{where}[{k}]" if isinstance(found, list) else where
+        if not isinstance(body, dict):
+            raise DataError(f"field '{at}': expected an object {{\"name\", \"arguments\"}}, got {type(body).__name__}")
+        calls.append(_call(body.get("name"), body.get("arguments", body.get("parameters")), body.get("id"), at, names,
+                           f"{at}.id"))  # fmt: skip
+    return calls
 
 
 def _instruction_prompt(instruction: str, extra: str) -> str:
@@ -520,17 +719,26 @@ def parse_record(record: Any, data_format: str = "auto", need_reply: bool = True
     data_format = detect_format(record) if data_format == "auto" else data_format
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}")
+    tools: list[dict] = []
     if data_format == "sharegpt":
         if "conversations" not in record:
             raise DataError("field 'conversations': missing")
-        messages = parse_turns(record["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
+        if uses_tools(record, "sharegpt"):
+            tools = read_tools(record.get("tools"))
+            messages = parse_sharegpt_tool_turns(record["conversations"], tools)
+        else:
+            messages = parse_turns(record["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
         if isinstance(record.get("system"), str) and record["system"].strip() and messages[0].role != "system":
             messages.insert(0, Message("system", record["system"]))
         found = [messages]
     elif data_format == "openai":
         if "messages" not in record:
             raise DataError("field 'messages': missing")
-        found = [parse_turns(record["messages"], "messages", "role", "content", OPENAI_ROLES)]
+        if uses_tools(record, "openai"):
+            tools = read_tools(record.get("tools"))
+            found = [parse_openai_tool_messages(record["messages"], tools)]
+        else:
+            found = [parse_turns(record["messages"], "messages", "role", "content", OPENAI_ROLES)]
     elif data_format == "alpaca":
         found = [_parse_alpaca(record, need_reply)]
     elif data_format == "self_instruct":
@@ -544,7 +752,7 @@ def parse_record(record: Any, data_format: str = "auto", need_reply: bool = True
             raise DataError("no user or assistant messages")
         if turns[-1].role != "assistant" and need_reply:
             raise DataError(f"the conversation ends with a {turns[-1].role} message, not an assistant reply")
-        conversations.append(Conversation(messages, id=str(record.get("id", ""))))
+        conversations.append(Conversation(messages, id=str(record.get("id", "")), tools=tools))
     return conversations
 
 

@@ -175,3 +175,77 @@ def read_preferences(path: str | Path, data_format: str = "auto", skip_invalid: 
     if not pairs:
         raise DataError(f"{path}: no usable preference pairs ({report.summary()})")
     return pairs, report
+
+
+# One sequence per pair. The two renderings of a pair share their start (the prompt and the assistant header);
+# running it once, then the chosen reply, then the rejected reply restarting at the same position, computes what
+# the two separate sequences compute, provided the rejected tokens never see the chosen ones. Segments of a row:
+PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, 3
+
+
+def _last_run_start(labels: list[int]) -> int:
+    """Index of the first token of the final trained run (the reply being compared and its end-of-turn)."""
+    from corral.chat.templates import IGNORE_INDEX
+
+    i = len(labels)
+    while i > 0 and labels[i - 1] == IGNORE_INDEX:
+        i -= 1
+    while i > 0 and labels[i - 1] != IGNORE_INDEX:
+        i -= 1
+    return i if any(label != IGNORE_INDEX for label in labels) else len(labels) - 1
+
+
+def shared_prompt_length(chosen_ids: list[int], chosen_labels: list[int], rejected_ids: list[int],
+                         rejected_labels: list[int]) -> int:
+    """How many leading tokens the two renderings of a pair share (labels unshifted, as `render_with_masks` gives them).
+
+    The longest common start of ids and labels, cut at the start of either side's final reply: replies that begin
+    alike ("I ...") still count those tokens on both sides, as the two sequences do. Each side keeps at least its
+    last token, where the reward model reads its score."""
+    n, limit = 0, min(_last_run_start(chosen_labels), _last_run_start(rejected_labels),
+                      len(chosen_ids) - 1, len(rejected_ids) - 1)
+    while n < limit and chosen_ids[n] == rejected_ids[n] and chosen_labels[n] == rejected_labels[n]:
+        n += 1
+    return n
+
+
+def collate_shared(pairs: list[tuple[list[int], list[int], int]], pad_id: int,
+                   targets: list[tuple[list[int], list[int]]] | None = None) -> dict:
+    """Pairs `(chosen_ids, rejected_ids, shared)` as one right-padded row each: the shared prompt, the rest of
+    the chosen side, the rest of the rejected side.
+
+    position_ids restart at `shared` for the rejected reply, so it sits where it sits in its own sequence;
+    `pair_segments` (PROMPT, CHOSEN, REJECTED, PADDING per token) is what `models.forward.pair_attention_mask`
+    turns into the mask keeping the replies apart. `chosen_last` / `rejected_last` index each side's last token.
+    `targets` (DPO): each side's shifted targets, placed as `chosen_targets` / `rejected_targets` (B, L). The
+    last shared token predicts the first token of both replies, so it carries a target in both; targets of the
+    shared part itself (earlier assistant turns of a multi-turn prompt) count for both sides, as they do when
+    each side is its own sequence."""
+    import torch
+
+    from corral.chat.templates import IGNORE_INDEX
+
+    width = max(len(c) + len(r) - s for c, r, s in pairs)
+    shape = (len(pairs), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    segments = torch.full(shape, PADDING, dtype=torch.long)
+    chosen_last, rejected_last = [], []
+    batch_targets = [torch.full(shape, IGNORE_INDEX, dtype=torch.long) for _ in range(2)] if targets else None
+    for i, (chosen, rejected, shared) in enumerate(pairs):
+        c, n = len(chosen), len(chosen) + len(rejected) - shared
+        input_ids[i, :n] = torch.tensor(chosen + rejected[shared:])
+        position_ids[i] = torch.tensor(list(range(c)) + list(range(shared, width - c + shared)))
+        segments[i, :shared], segments[i, shared:c], segments[i, c:n] = PROMPT, CHOSEN, REJECTED
+        chosen_last.append(c - 1)
+        rejected_last.append(n - 1)
+        if targets:
+            chosen_targets, rejected_targets = targets[i]
+            batch_targets[0][i, :c] = torch.tensor(chosen_targets)
+            batch_targets[1][i, :shared] = torch.tensor(rejected_targets[:shared])
+            batch_targets[1][i, c:n] = torch.tensor(rejected_targets[shared:])
+    batch = {"input_ids": input_ids, "position_ids": position_ids, "pair_segments": segments,
+             "chosen_last": torch.tensor(chosen_last), "rejected_last": torch.tensor(rejected_last)}
+    if batch_targets:
+        batch["chosen_targets"], batch["rejected_targets"] = batch_targets
+    return batch

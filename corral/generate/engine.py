@@ -5,17 +5,19 @@ the quickstart, answer generation for the judge, and PPO rollouts on the live ac
 (`train/ppo/rollout.py`). It implements the `Engine` protocol of `generate/types.py`; vLLM is the
 other implementation (`generate/vllm.py`).
 
-How it works. Running sequences share one batch and one `DynamicCache`, left-padded: row r's real
-tokens sit at the right end of its cache row and a 2-D attention mask hides the padding; position
-ids are passed explicitly (the count of real tokens before each one), so padding never shifts a
-position. Each `step()`:
+How it works. Running sequences share one batch. Their KV cache is a `SlotCache` (`generate/kv.py`):
+pre-allocated per-row buffers that a decode step writes in place, each row its own columns, so a
+step costs the same whatever joined or left before it; position ids are passed explicitly (the
+count of real tokens before each one), so padding never shifts a position. Each `step()`:
   1. admits waiting requests: their prompts are prefilled together (identical prompts, e.g. the n
      replies of one request, are computed once and their cache rows copied), their first tokens
-     sampled, and their cache rows concatenated to the running batch after left-padding both sides
-     to one length;
-  2. decodes one token for every running row in one forward pass;
-  3. retires finished or cancelled rows (stop token, stop string, max tokens, context length) and
-     trims cache columns that have become padding for every remaining row.
+     sampled, and their cache rows copied into free rows of the slot cache;
+  2. decodes one token for every running row in one forward pass, under a 4-D mask that shows each
+     row only its own columns;
+  3. retires finished or cancelled rows (stop token, stop string, max tokens, context length): the
+     last rows move into their places.
+Models whose attention takes no 4-D mask (flash-attention) keep transformers' `DynamicCache`,
+left-padded under a 2-D mask, re-stacked as rows join and trimmed as they leave (`kv_cache`).
 So a new request joins at the next step and a short request never waits for a long one.
 
 Requests come in as token ids; callers render conversations with the chat template first
@@ -38,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from corral.generate.head import LastLogits
+from corral.generate.kv import SlotCache
 from corral.generate.sampling import RowParams, SamplingParams, apply_penalties, per_prompt, sample_next
 from corral.generate.structured import Grammars
 from corral.generate.types import (BASE_ADAPTER, Completion, EngineStats, Stream, TokenEvent, TokenLogprob,
@@ -82,7 +85,8 @@ class TransformersEngine:
     """Continuous batching over a transformers causal LM (optionally a peft model with several LoRA adapters)."""
 
     def __init__(self, model, tokenizer, max_batch: int = 32, max_len: int | None = None,
-                 stop_token_ids: tuple[int, ...] | None = None):
+                 stop_token_ids: tuple[int, ...] | None = None, kv_cache: str = "auto",
+                 compile: bool | str = False):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -102,6 +106,8 @@ class TransformersEngine:
                 "manages itself: serve a LoRA adapter or a full model instead"
             )
         self._head = LastLogits(model, self.device)  # on CPU, runs the output head itself (see generate/head.py)
+        self._slots = self._slot_cache(kv_cache)  # None: the DynamicCache path (re-stacked as rows come and go)
+        self._compiled = self._compile_decode("inductor" if compile is True else compile) if compile else None
         self.vocab_size = _embedding_rows(model)  # token ids a prompt may hold (None: unknown, unchecked)
         self._grammars: Grammars | None = None  # built at the first constrained request
         self.last_batch = 0  # rows in the latest decode step (the server's metrics read it)
@@ -110,6 +116,39 @@ class TransformersEngine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._clear_batch()
+
+    def _slot_cache(self, kv_cache: str) -> SlotCache | None:
+        """The pre-allocated cache (generate/kv.py) where the model's attention takes our 4-D mask: SDPA (a
+        boolean mask) and eager (an additive one); flash-attention takes only 2-D padding masks."""
+        if kv_cache not in ("auto", "slots", "dynamic"):
+            raise ValueError(f"kv_cache: {kv_cache!r} is not one of auto, slots, dynamic")
+        attention = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+        if kv_cache == "dynamic" or (kv_cache == "auto" and attention not in ("sdpa", "eager")):
+            return None
+        if attention not in ("sdpa", "eager"):
+            raise ValueError(f"kv_cache: slots needs sdpa or eager attention, the model uses {attention}")
+        self._additive_mask = attention == "eager"
+        return SlotCache(self.device)
+
+    def _compile_decode(self, backend: str):
+        """The decode step's forward under torch.compile: `compile=True` is inductor (on CPU it builds C++ with the
+        system compiler); a string names another backend (the tests use aot_eager, which traces without building).
+
+        Its shapes repeat so that it compiles a few times, not every step: rows are padded to a power of two and
+        attention spans the slot cache's whole allocated width (powers of two from 256), so a graph is built per
+        (row bucket, width) pair met, each once, tens of seconds apiece on 2 CPU cores."""
+        if self._slots is None:
+            raise ValueError("compile: needs the slot cache (a model with sdpa or eager attention)")
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # the pairs above
+
+        def hidden(ids, mask, positions):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self._slots,
+                             use_cache=True, **self._head.forward_kwargs())
+            return out.hidden_states[-1][:, -1, :]
+
+        return torch.compile(hidden, backend=backend, dynamic=False)
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
@@ -280,10 +319,27 @@ class TransformersEngine:
         """One token for every running row (rows admitted in this step get theirs from the prefill)."""
         seqs = self._seqs
         last = torch.tensor([[s.reply_ids[-1]] for s in seqs], device=self.device)
-        positions = self._mask.sum(-1, keepdim=True)  # real tokens before the new one
-        mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
-        logits, self._cache = self._forward(last, mask, positions, self._cache, [s.adapter for s in seqs])
-        self._mask = mask
+        if self._slots is not None:
+            # Compiled once the head is checked (the first step runs eagerly) and for base-model rows only (peft's
+            # per-row adapter_names would be one more thing to specialise on).
+            compiled = (self._compiled is not None and isinstance(self._head.weight, torch.Tensor)
+                        and all(s.adapter is None for s in seqs))
+            rows = 1 << (len(seqs) - 1).bit_length() if compiled else None
+            positions, mask = self._slots.begin_step(rows, full_width=compiled)
+            if self._additive_mask:
+                mask = torch.zeros(mask.shape, dtype=self.model.dtype, device=self.device).masked_fill(
+                    ~mask, torch.finfo(self.model.dtype).min)
+            if compiled:
+                ids = F.pad(last, (0, 0, 0, rows - len(seqs)), value=self.pad_id)
+                logits = self._head.project(self._compiled(ids, mask, positions)[: len(seqs)])
+            else:
+                logits, _ = self._forward(last, mask, positions, self._slots, [s.adapter for s in seqs])
+            self._slots.end_step()
+        else:
+            positions = self._mask.sum(-1, keepdim=True)  # real tokens before the new one
+            mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+            logits, self._cache = self._forward(last, mask, positions, self._cache, [s.adapter for s in seqs])
+            self._mask = mask
         tokens, logprobs = self._sample(logits, seqs, self._seen, self._counts)
         self._emit(tokens, logprobs, rows=range(len(seqs)))
 
@@ -314,12 +370,13 @@ class TransformersEngine:
         return tokens, logprobs
 
     def _emit(self, tokens: list[int], logprobs: list[TokenLogprob | None], rows: range) -> None:
+        index = (torch.tensor(rows, device=self.device), torch.tensor(tokens, device=self.device))
+        self._seen[index] = True  # all rows in two tensor ops (a finished row's entries are never read again)
+        self._counts[index] += 1
         for r, token, logprob in zip(rows, tokens, logprobs):
             seq = self._seqs[r]
             if seq.done:
                 continue
-            self._seen[r, token] = True
-            self._counts[r, token] += 1
             try:
                 self._advance(seq, token, logprob)
             except Exception as e:  # e.g. a grammar refusing the token: this reply alone fails
@@ -363,7 +420,9 @@ class TransformersEngine:
     # ------------------------------------------------------------------ batch bookkeeping
     def _clear_batch(self) -> None:
         self._seqs: list[_Sequence] = []
-        self._cache = None
+        self._cache = None  # the running rows' cache (the slot cache's buffers outlive a batch, for the next)
+        if self._slots is not None:
+            self._slots.clear()
         self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
         self._seen = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
         self._counts = torch.zeros(0, 0, dtype=torch.int32, device=self.device)
@@ -381,22 +440,26 @@ class TransformersEngine:
             )
 
     def _merge(self, seqs, cache, mask, seen, counts) -> None:
+        if self._slots is not None:
+            self._slots.add(cache, mask)  # copied into free rows: the prefill's own cache is dropped
+            cache = self._slots
         if not self._seqs:
             self._seqs, self._cache, self._mask, self._seen, self._counts = list(seqs), cache, mask, seen, counts
             return
-        width = max(self._mask.shape[1], mask.shape[1])
+        if self._slots is None:
+            width = max(self._mask.shape[1], mask.shape[1])
 
-        def left_pad(t, length_dim):
-            missing = width - t.shape[length_dim]
-            if missing == 0:
-                return t
-            pad = [0, 0] * (t.dim() - 1 - length_dim) + [missing, 0]
-            return F.pad(t, pad)
+            def left_pad(t, length_dim):
+                missing = width - t.shape[length_dim]
+                if missing == 0:
+                    return t
+                pad = [0, 0] * (t.dim() - 1 - length_dim) + [missing, 0]
+                return F.pad(t, pad)
 
-        for old, new in zip(self._cache.layers, cache.layers):
-            old.keys = torch.cat([left_pad(old.keys, 2), left_pad(new.keys, 2)], dim=0)
-            old.values = torch.cat([left_pad(old.values, 2), left_pad(new.values, 2)], dim=0)
-        self._mask = torch.cat([left_pad(self._mask, 1), left_pad(mask, 1)], dim=0)
+            for old, new in zip(self._cache.layers, cache.layers):
+                old.keys = torch.cat([left_pad(old.keys, 2), left_pad(new.keys, 2)], dim=0)
+                old.values = torch.cat([left_pad(old.values, 2), left_pad(new.values, 2)], dim=0)
+            self._mask = torch.cat([left_pad(self._mask, 1), left_pad(mask, 1)], dim=0)
         vocab = max(self._seen.shape[1], seen.shape[1])
         self._seen = torch.cat([F.pad(self._seen, (0, vocab - self._seen.shape[1])), F.pad(seen, (0, vocab - seen.shape[1]))])
         self._counts = torch.cat([F.pad(self._counts, (0, vocab - self._counts.shape[1])), F.pad(counts, (0, vocab - counts.shape[1]))])
@@ -411,6 +474,12 @@ class TransformersEngine:
             return
         if not keep:
             self._clear_batch()
+            return
+        if self._slots is not None:
+            order = self._slots.keep(keep)  # finished rows' places taken by the last rows
+            index = torch.tensor(order, device=self.device)
+            self._seen, self._counts = self._seen[index], self._counts[index]
+            self._seqs = [self._seqs[r] for r in order]
             return
         index = torch.tensor(keep, device=self.device)
         self._cache.batch_select_indices(index)

@@ -41,4 +41,8 @@ class LastLogits:
             ours = (head.weight @ hidden.T).T.float() if plain else None
             self.weight = head.weight if plain and torch.allclose(ours, own, rtol=1e-4, atol=1e-4) else False
             return own
+        return self.project(hidden)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, vocab) float logits of last-position hidden states (B, hidden), once the head is ours to run."""
         return (self.weight @ hidden.T).T.float()

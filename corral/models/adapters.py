@@ -19,7 +19,16 @@ def add_lora(model, r: int, alpha: int, dropout: float, target_modules, quantize
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type=task_type,
         modules_to_save=modules_to_save,
     )
-    return get_peft_model(model, config)
+    return trainable_in_float32(get_peft_model(model, config))
+
+
+def trainable_in_float32(model):
+    """Every trainable parameter in float32 over a bf16 / fp16 base: peft keeps its LoRA matrices so, but copies
+    `modules_to_save` (a reward model's score head) in the base's dtype, where AdamW would drop small updates."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+    return model
 
 
 def add_prefix(model, num_virtual_tokens: int):

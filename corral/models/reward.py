@@ -27,9 +27,15 @@ def _classifier(model):
 
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B,) reward of each sequence: the scalar head on the final hidden state of its last real token."""
+    return scores_at(model, input_ids, last_token_index(attention_mask)[:, None], attention_mask=attention_mask)[:, 0]
+
+
+def scores_at(model, input_ids: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, K) rewards read at `positions` (B, K) of each row: a shared-prompt pair row (a 4-D mask from
+    `models.forward.pair_attention_mask`) is scored at the last token of each reply."""
     classifier = _classifier(model)
     backbone = getattr(classifier, classifier.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    last = last_token_index(attention_mask)
-    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device)[:, None], positions]
     return classifier.score(picked).squeeze(-1).float()

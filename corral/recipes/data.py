@@ -20,13 +20,34 @@ from corral.models.load import load_tokenizer
 
 
 def highlight(tokenizer, input_ids: list[int], targets: list[int]) -> Text:
-    """Trained tokens (those some position predicts) in bold green; the rest dim."""
+    """Trained tokens (those some position predicts) in bold green; the rest dim. Each run of tokens alike is
+    decoded at once, so a character split across tokens (byte-level BPE, `°`) shows whole."""
     trained = [False] + [t != IGNORE_INDEX for t in targets[:-1]]  # targets[t] is token t+1
     text = Text()
-    for token_id, is_trained in zip(input_ids, trained):
-        piece = tokenizer.decode([token_id])
-        text.append(piece, style="bold green" if is_trained else "dim")
+    start = 0
+    for end in range(1, len(input_ids) + 1):
+        if end == len(input_ids) or trained[end] != trained[start]:
+            text.append(tokenizer.decode(input_ids[start:end]), style="bold green" if trained[start] else "dim")
+            start = end
     return text
+
+
+def tool_summary(conversations) -> str | None:
+    """One line on the data's tool use (None without any): how many conversations carry tool definitions,
+    which functions, how many calls and results."""
+    from corral.chat.tools import tool_names
+
+    using = [conv for conv in conversations if conv.uses_tools]
+    if not using:
+        return None
+    names = Counter(name for conv in using for name in tool_names(conv.tools))
+    calls = Counter(call.name for conv in using for m in conv.messages for call in m.tool_calls)
+    results = sum(m.role == "tool" for conv in using for m in conv.messages)
+    parallel = sum(len(m.tool_calls) > 1 for conv in using for m in conv.messages)
+    shown = ", ".join(f"{name} ({calls[name]} calls)" for name, _ in names.most_common(8))
+    return (f"tool use: {len(using)} of {len(conversations)} conversations, {sum(calls.values())} calls "
+            f"({parallel} turns with parallel calls), {results} results; functions defined: {shown or 'none'}"
+            f"{', ...' if len(names) > 8 else ''}. Calls are trained like replies; definitions and results are not")
 
 
 def run(cfg: InspectConfig):
@@ -35,6 +56,9 @@ def run(cfg: InspectConfig):
     fmt = get_template(cfg.template, tokenizer)
     conversations, report = read_conversations(cfg.data.path, cfg.data.format, cfg.data.skip_invalid)
     console.print(report.summary())
+    tools = tool_summary(conversations)
+    if tools:
+        console.print(tools)
     samples, split = conversations_to_samples(conversations, fmt, cfg.max_len)
     console.print(f"template {fmt.name}: {split.summary()}")
     for sample in samples[: cfg.num_samples]:

@@ -1,10 +1,12 @@
 """`corral dpo`: direct preference optimisation (DPO, IPO or SimPO) on preference pairs.
 
 Each pair is rendered twice by the chat template, exactly as SFT renders a trained reply: the
-prompt, then the chosen (or rejected) reply and its end-of-turn. A reply's log-prob is summed over
-those trained tokens only (the same masks as SFT), with the output head run on those positions
-only. The reference is the starting model: with LoRA, the same weights with the adapter disabled
-(no second copy in memory); with full fine-tuning, a frozen copy, or log-probs computed once before
+prompt, then the chosen (or rejected) reply and its end-of-turn. By default (`train.shared_prompt`)
+the pair runs as one sequence, the shared prompt once and then both replies, with a mask that keeps
+the rejected reply from seeing the chosen one (`data.preference.collate_shared`); otherwise as the
+two sequences. A reply's log-prob is summed over those trained tokens only (the same masks as SFT),
+with the output head run on those positions only. The reference is the starting model: with LoRA,
+the same weights with the adapter disabled (no second copy in memory); with full fine-tuning, a frozen copy, or log-probs computed once before
 training (`precompute_ref`). Per step the loop logs the loss and, per pair, the implicit reward
 accuracy, chosen/rejected rewards, their margin and a KL estimate (mean log pi/pi_ref of the replies).
 """
@@ -24,10 +26,10 @@ from corral.chat.templates import get_template
 from corral.config import DPOConfig
 from corral.data.clean import to_sample
 from corral.data.pack import Row, collate, single_rows
-from corral.data.preference import PreferencePair
+from corral.data.preference import PreferencePair, collate_shared, shared_prompt_length
 from corral.models.adapters import add_lora, is_adapter, trainable_parameter_count
-from corral.models.forward import final_hidden, output_head, unwrap
-from corral.models.load import load_model, load_tokenizer, master_dtype
+from corral.models.forward import final_hidden, output_head, pair_attention_mask, shared_prompt_path, unwrap
+from corral.models.load import frozen_dtype, load_model, load_tokenizer, master_dtype
 from corral.recipes.runs import RecipeResult, begin_run, data_of, saver, preference_rows, train_summary
 from corral.train.loop import train
 from corral.train.losses import preference_loss, sequence_logps
@@ -37,12 +39,13 @@ from corral.train.losses import preference_loss, sequence_logps
 class PairRow:
     chosen: Row
     rejected: Row
+    shared: int = 0  # leading tokens both sides share (the prompt): run once on the shared-prompt path
     ref_chosen: float | None = None
     ref_rejected: float | None = None
     num_targets: int = 1  # the loop normalises by pairs
 
     @property
-    def input_ids(self) -> list[int]:
+    def input_ids(self) -> list[int]:  # token count for throughput metrics: both sequences, whichever path runs
         return self.chosen.input_ids + self.rejected.input_ids
 
 
@@ -50,29 +53,41 @@ def pairs_to_rows(pairs: list[PreferencePair], template, max_len: int) -> tuple[
     """Rows, and the number of pairs dropped because a side is longer than max_len."""
     rows, too_long = [], 0
     for pair in pairs:
-        sides = []
-        for reply in (pair.chosen, pair.rejected):
-            ids, labels = template.render_with_masks(Conversation(pair.prompt.messages + [Message("assistant", reply)]))
-            sides.append(to_sample(ids, labels, pair.source))
+        rendered = [template.render_with_masks(Conversation(pair.prompt.messages + [Message("assistant", reply)]))
+                    for reply in (pair.chosen, pair.rejected)]  # fmt: skip
+        sides = [to_sample(ids, labels, pair.source) for ids, labels in rendered]
         if max(len(s.input_ids) for s in sides) > max_len:
             too_long += 1
             continue
         chosen, rejected = single_rows(sides)
-        rows.append(PairRow(chosen, rejected))
+        rows.append(PairRow(chosen, rejected, shared_prompt_length(*rendered[0], *rendered[1])))
     return rows, too_long
 
 
-def collate_pairs(rows: list[PairRow], pad_id: int) -> dict:
-    """Chosen rows first, then rejected, in one batch; precomputed reference log-probs ride along."""
-    batch = collate([r.chosen for r in rows] + [r.rejected for r in rows], pad_id)
+def collate_pairs(rows: list[PairRow], pad_id: int, shared: bool = True) -> dict:
+    """`shared`: one row per pair (`collate_shared`); otherwise chosen rows first, then rejected, in one batch.
+    Precomputed reference log-probs ride along, chosen first."""
+    if shared:
+        batch = collate_shared([(r.chosen.input_ids, r.rejected.input_ids, r.shared) for r in rows], pad_id,
+                               targets=[(r.chosen.targets, r.rejected.targets) for r in rows])
+    else:
+        batch = collate([r.chosen for r in rows] + [r.rejected for r in rows], pad_id)
     if rows[0].ref_chosen is not None:
         batch["ref_logps"] = torch.tensor([r.ref_chosen for r in rows] + [r.ref_rejected for r in rows])
     return batch
 
 
 def reply_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    hidden = final_hidden(model, batch["input_ids"], batch["position_ids"])
-    return sequence_logps(hidden, output_head(model), batch["targets"])
+    """(2B,) summed reply log-probs and (2B,) trained-token counts, chosen sides first, for either batch layout."""
+    if "pair_segments" not in batch:
+        hidden = final_hidden(model, batch["input_ids"], batch["position_ids"])
+        return sequence_logps(hidden, output_head(model), batch["targets"])
+    mask = pair_attention_mask(model, batch["pair_segments"])
+    hidden = final_hidden(model, batch["input_ids"], batch["position_ids"], mask)
+    head = output_head(model)
+    (chosen, chosen_n), (rejected, rejected_n) = (sequence_logps(hidden, head, batch[f"{side}_targets"])
+                                                  for side in ("chosen", "rejected"))  # fmt: skip
+    return torch.cat([chosen, rejected]), torch.cat([chosen_n, rejected_n])
 
 
 @torch.no_grad()
@@ -109,12 +124,13 @@ def dpo_loss_fn(model, batch, *, kind: str, beta: float, label_smoothing: float,
 
 
 @torch.no_grad()
-def evaluate_pairs(model, rows: list[PairRow], pad_id: int, batch_size: int, device, ref_model=None, beta: float = 0.1) -> dict:
+def evaluate_pairs(model, rows: list[PairRow], pad_id: int, batch_size: int, device, ref_model=None, beta: float = 0.1,
+                   shared: bool = True) -> dict:
     """Held-out: the policy's log-prob margin (chosen - rejected), and the implicit reward accuracy and margin."""
     model.eval()
     logp_margin, reward_margin, correct = [], [], 0
     for i in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate_pairs(rows[i : i + batch_size], pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate_pairs(rows[i : i + batch_size], pad_id, shared).items()}
         logps, _ = reply_logps(model, batch)
         ref = reference_logps(model, batch, ref_model) if (ref_model is not None or is_adapter(unwrap(model))
                                                            or "ref_logps" in batch) else logps
@@ -130,12 +146,12 @@ def evaluate_pairs(model, rows: list[PairRow], pad_id: int, batch_size: int, dev
 
 
 @torch.no_grad()
-def precompute_reference(model, rows: list[PairRow], pad_id: int, batch_size: int, device) -> None:
+def precompute_reference(model, rows: list[PairRow], pad_id: int, batch_size: int, device, shared: bool = True) -> None:
     """Reference log-probs of every row, computed once with the starting weights."""
     model.eval()
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
-        logps, _ = reply_logps(model, {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()})
+        logps, _ = reply_logps(model, {k: v.to(device) for k, v in collate_pairs(chunk, pad_id, shared).items()})
         for j, row in enumerate(chunk):
             row.ref_chosen, row.ref_rejected = logps[j].item(), logps[len(chunk) + j].item()
     model.train()
@@ -149,16 +165,22 @@ def run(cfg: DPOConfig) -> RecipeResult:
     rows, eval_rows = preference_rows(cfg.data, template, cfg.train.max_len, cfg.train.seed, pairs_to_rows, log)
 
     device = accelerator.device
-    # Full fine-tuning keeps float32 master weights (bf16 only when asked): autocast does the low-precision compute.
-    model = load_model(cfg.model, dtype=master_dtype(cfg.dtype) if cfg.method == "full" else cfg.dtype, device=device)
+    # Full fine-tuning keeps float32 master weights (bf16 only when asked): autocast does the low-precision compute;
+    # its reference is a copy of them, so that at step 0 it gives the policy's own log-probs (bf16 weights would
+    # not: the residual stream would round). A LoRA base, which is also the reference, is stored as autocast
+    # computes it (`frozen_dtype`: bf16 on CPUs that compute it natively).
+    frozen = frozen_dtype(cfg.dtype, accelerator.mixed_precision, device)
+    dtype = master_dtype(cfg.dtype) if cfg.method == "full" else frozen
+    model = load_model(cfg.model, dtype=dtype, device=device)
     if is_adapter(model):
         raise ValueError(f"model={cfg.model} is an adapter folder; merge it first (corral merge) to train on top of it")
     pad_id = tokenizer.pad_token_id
+    shared = shared_prompt_path(cfg.train.shared_prompt, model, log)
     ref_model = None
     needs_ref = cfg.loss != "simpo"
     if needs_ref and (cfg.precompute_ref or cfg.method == "full"):
         if cfg.precompute_ref:
-            precompute_reference(model, rows + eval_rows, pad_id, cfg.train.batch_size, device)
+            precompute_reference(model, rows + eval_rows, pad_id, cfg.train.batch_size, device, shared)
             log(f"reference log-probs precomputed for {len(rows) + len(eval_rows)} pairs")
         else:
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -168,20 +190,22 @@ def run(cfg: DPOConfig) -> RecipeResult:
     reference = ("none (SimPO)" if not needs_ref else "precomputed" if cfg.precompute_ref
                  else "frozen copy" if ref_model is not None else "base with the adapter disabled")
     log(f"policy {cfg.model} ({cfg.method}): {trainable:,} trainable of {total:,} parameters; reference: {reference}")
-    before = evaluate_pairs(model, eval_rows, pad_id, cfg.train.batch_size, device, ref_model, cfg.beta) if eval_rows and main else None
+    before = (evaluate_pairs(model, eval_rows, pad_id, cfg.train.batch_size, device, ref_model, cfg.beta, shared)
+              if eval_rows and main else None)
 
     card = {"title": f"Corral DPO ({cfg.method}) of {cfg.model}", "recipe": "corral dpo", "method": cfg.method,
             "data": data_of(cfg.data), "loss": cfg.loss, "beta": cfg.beta}
     save = saver(tokenizer, template, card)
     loss_fn = partial(dpo_loss_fn, kind=cfg.loss, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
                       simpo_gamma=cfg.simpo_gamma, ref_model=ref_model)
-    result = train(model, rows, collate_fn=partial(collate_pairs, pad_id=pad_id), loss_fn=loss_fn,
+    result = train(model, rows, collate_fn=partial(collate_pairs, pad_id=pad_id, shared=shared), loss_fn=loss_fn,
                    settings=cfg.train, output_dir=out, save_model=save, accelerator=accelerator, eval_rows=eval_rows,
                    config=cfg.model_dump(mode="json"))
     model_dir = out / "model"
     stats = None
     if main:
-        after = evaluate_pairs(model, eval_rows, pad_id, cfg.train.batch_size, device, ref_model, cfg.beta) if eval_rows else None
+        after = (evaluate_pairs(model, eval_rows, pad_id, cfg.train.batch_size, device, ref_model, cfg.beta, shared)
+                 if eval_rows else None)
         card["metrics"] = {"train loss": result.last_loss, "steps": result.steps,
                            **({f"held-out {k}": v for k, v in after.items()} if after else {})}  # fmt: skip
     result.save(model_dir)  # every process: under FSDP / ZeRO-3 the weights are gathered from all of them

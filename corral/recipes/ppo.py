@@ -53,7 +53,8 @@ def run(cfg: PPOConfig) -> RecipeResult:
     template = get_template(cfg.template, tokenizer)
     prompts = read_rl_prompts(cfg, template, log)
     roles = build_roles(cfg.model, cfg.reward, method=cfg.method, dtype=cfg.dtype, lora=LoraSettings(**cfg.lora.model_dump()),
-                        with_critic=cfg.advantage == "gae", pad_id=tokenizer.pad_token_id, log=log)  # fmt: skip
+                        with_critic=cfg.advantage == "gae", pad_id=tokenizer.pad_token_id, log=log,
+                        mixed_precision=accelerator.mixed_precision)  # fmt: skip
     log(f"{cfg.rollout.prompts_per_step} prompts x {cfg.rollout.samples_per_prompt} samples per step, world size {world}")
 
     card = {"title": f"Corral PPO ({cfg.advantage}, {cfg.method}) of {cfg.model}", "recipe": "corral ppo",
@@ -326,7 +327,8 @@ def summarize(metrics: MetricsLog, roles, out: Path, with_ema: bool, log) -> dic
     rows = metrics.read() if metrics.enabled else []
     first, last = (rows[0], rows[-1]) if rows else ({}, {})
     if metrics.enabled:
-        atomic_write_text(out / "summary.json", json.dumps({"first": first, "last": last, "memory": memory}, indent=1))
+        atomic_write_text(out / "summary.json", json.dumps({"first": first, "last": last, "memory": memory,
+                                                            "precision": first.get("precision")}, indent=1))
         log(f"reward {first['reward_mean']:.3f} (step 1) -> {last['reward_mean']:.3f} (step {last['step']}); "
             f"KL {last['kl']:.3f}\npeak RSS {peak_rss:,.0f} MiB ({memory['peak_rss_vs_base']:.1f}x one base copy)"
             f"\nactor: {out / 'actor'}" + (f"\nactor EMA: {out / 'actor_ema'}" if with_ema else "")

@@ -1,9 +1,11 @@
 """`corral reward`: a reward model from preference pairs (DeepSpeed-Chat step 2); `corral reward score`.
 
-Each pair becomes two sequences rendered by the chat template: the prompt plus the chosen reply and
-its end-of-turn, and the same with the rejected reply. The score of a sequence is the scalar head at
-its last real token; the loss is -log sigmoid(r_chosen - r_rejected - margin), summed over pairs and
-normalised by the pairs of the whole optimizer step (the one loop does that). At the end, held-out
+Each pair is rendered twice by the chat template: the prompt plus the chosen reply and its end-of-turn,
+and the same with the rejected reply. By default (`train.shared_prompt`) the pair runs as one sequence,
+the shared prompt once and then both replies, with a mask that keeps the rejected reply from seeing the
+chosen one (`data.preference.collate_shared`); otherwise as the two sequences. The score of a reply is
+the scalar head at its last token; the loss is -log sigmoid(r_chosen - r_rejected - margin), summed over
+pairs and normalised by the pairs of the whole optimizer step (the one loop does that). At the end, held-out
 accuracy (chosen scored above rejected), mean margin and mean scores are printed, written to
 `metrics.jsonl` and to `eval.json`.
 """
@@ -20,10 +22,11 @@ from corral.atomic import append_line, atomic_write_text
 from corral.chat.conversation import Conversation, Message
 from corral.chat.templates import get_template
 from corral.config import RewardConfig, RewardScoreConfig
-from corral.data.preference import PreferencePair, read_preferences
+from corral.data.preference import PreferencePair, collate_shared, read_preferences, shared_prompt_length
 from corral.models.adapters import add_lora, trainable_parameter_count
-from corral.models.load import load_model, load_tokenizer, master_dtype
-from corral.models.reward import sequence_scores
+from corral.models.forward import pair_attention_mask, shared_prompt_path
+from corral.models.load import frozen_dtype, load_model, load_tokenizer, master_dtype
+from corral.models.reward import scores_at, sequence_scores
 from corral.recipes.runs import RecipeResult, begin_run, data_of, saver, preference_rows, train_summary
 from corral.train.loop import train
 from corral.train.losses import pairwise_reward_loss
@@ -33,10 +36,11 @@ from corral.train.losses import pairwise_reward_loss
 class PairRow:
     chosen_ids: list[int]
     rejected_ids: list[int]
+    shared: int = 0  # leading tokens both sides share (the prompt): run once on the shared-prompt path
     num_targets: int = 1  # the loop normalises by pairs
 
     @property
-    def input_ids(self) -> list[int]:  # token count for throughput metrics
+    def input_ids(self) -> list[int]:  # token count for throughput metrics: both sequences, whichever path runs
         return self.chosen_ids + self.rejected_ids
 
 
@@ -51,16 +55,21 @@ def pairs_to_rows(pairs: list[PreferencePair], template, max_len: int) -> tuple[
     reply's end, where the score is read)."""
     rows, too_long = [], 0
     for pair in pairs:
-        chosen, rejected = render_reply(template, pair.prompt, pair.chosen), render_reply(template, pair.prompt, pair.rejected)
+        (chosen, chosen_labels), (rejected, rejected_labels) = (
+            template.render_with_masks(Conversation(pair.prompt.messages + [Message("assistant", reply)]))
+            for reply in (pair.chosen, pair.rejected))  # fmt: skip
         if max(len(chosen), len(rejected)) > max_len:
             too_long += 1
             continue
-        rows.append(PairRow(chosen, rejected))
+        rows.append(PairRow(chosen, rejected, shared_prompt_length(chosen, chosen_labels, rejected, rejected_labels)))
     return rows, too_long
 
 
-def collate_pairs(rows: list[PairRow], pad_id: int) -> dict:
-    """Chosen sequences first, then rejected, right-padded into one (2B, L) batch."""
+def collate_pairs(rows: list[PairRow], pad_id: int, shared: bool = True) -> dict:
+    """`shared`: one row per pair (`collate_shared`). Otherwise chosen sequences first, then rejected,
+    right-padded into one (2B, L) batch."""
+    if shared:
+        return collate_shared([(r.chosen_ids, r.rejected_ids, r.shared) for r in rows], pad_id)
     sequences = [r.chosen_ids for r in rows] + [r.rejected_ids for r in rows]
     width = max(map(len, sequences))
     input_ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences])
@@ -69,6 +78,11 @@ def collate_pairs(rows: list[PairRow], pad_id: int) -> dict:
 
 
 def pair_scores(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    if "pair_segments" in batch:
+        positions = torch.stack([batch["chosen_last"], batch["rejected_last"]], dim=1)
+        mask = pair_attention_mask(model, batch["pair_segments"])
+        scores = scores_at(model, batch["input_ids"], positions, attention_mask=mask, position_ids=batch["position_ids"])
+        return scores[:, 0], scores[:, 1]
     scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
     half = scores.shape[0] // 2
     return scores[:half], scores[half:]
@@ -81,12 +95,12 @@ def reward_loss(model, batch, margin: float = 0.0):
 
 
 @torch.no_grad()
-def evaluate_pairs(model, rows: list[PairRow], pad_id: int, batch_size: int, device) -> dict:
+def evaluate_pairs(model, rows: list[PairRow], pad_id: int, batch_size: int, device, shared: bool = True) -> dict:
     """Accuracy (chosen above rejected), mean margin and mean scores over `rows`."""
     model.eval()
     chosen_all, rejected_all = [], []
     for i in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate_pairs(rows[i : i + batch_size], pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate_pairs(rows[i : i + batch_size], pad_id, shared).items()}
         chosen, rejected = pair_scores(model, batch)
         chosen_all.append(chosen.cpu())
         rejected_all.append(rejected.cpu())
@@ -96,9 +110,10 @@ def evaluate_pairs(model, rows: list[PairRow], pad_id: int, batch_size: int, dev
             "mean_rejected": rejected.mean().item()}  # fmt: skip
 
 
-def prepare_model(cfg: RewardConfig, pad_id: int, device):
+def prepare_model(cfg: RewardConfig, pad_id: int, device, mixed_precision: str = "no"):
     # Full fine-tuning keeps float32 master weights (bf16 only when asked): autocast does the low-precision compute.
-    dtype = master_dtype(cfg.dtype) if cfg.method == "full" else cfg.dtype
+    # A LoRA model's frozen base is stored as autocast computes it (`frozen_dtype`: bf16 on CPUs that compute it).
+    dtype = master_dtype(cfg.dtype) if cfg.method == "full" else frozen_dtype(cfg.dtype, mixed_precision, device)
     model = load_model(cfg.model, dtype=dtype, device=device, head="score", pad_token_id=pad_id)
     if cfg.method == "lora":
         model = add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules,
@@ -114,14 +129,16 @@ def run(cfg: RewardConfig) -> RecipeResult:
     rows, eval_rows = preference_rows(cfg.data, template, cfg.train.max_len, cfg.train.seed, pairs_to_rows, log)
 
     pad_id = tokenizer.pad_token_id
-    model = prepare_model(cfg, pad_id, accelerator.device)
+    model = prepare_model(cfg, pad_id, accelerator.device, accelerator.mixed_precision)
     trainable, total = trainable_parameter_count(model)
     log(f"reward model from {cfg.model} ({cfg.method}): {trainable:,} trainable of {total:,} parameters")
     card = {"title": f"Corral reward model ({cfg.method}) of {cfg.model}", "recipe": "corral reward", "method": cfg.method,
             "data": data_of(cfg.data)}
     save = saver(tokenizer, template, card)
+    shared = shared_prompt_path(cfg.train.shared_prompt, model, log)
     result = train(
-        model, rows, collate_fn=partial(collate_pairs, pad_id=pad_id), loss_fn=partial(reward_loss, margin=cfg.margin),
+        model, rows, collate_fn=partial(collate_pairs, pad_id=pad_id, shared=shared),
+        loss_fn=partial(reward_loss, margin=cfg.margin),
         settings=cfg.train, output_dir=out, save_model=save, accelerator=accelerator, eval_rows=eval_rows,
         config=cfg.model_dump(mode="json"),
     )  # fmt: skip
@@ -129,7 +146,7 @@ def run(cfg: RewardConfig) -> RecipeResult:
     stats = None
     if main:
         if eval_rows:
-            stats = evaluate_pairs(model, eval_rows, pad_id, cfg.train.batch_size, accelerator.device)
+            stats = evaluate_pairs(model, eval_rows, pad_id, cfg.train.batch_size, accelerator.device, shared)
         card["metrics"] = {"train loss": result.last_loss, "steps": result.steps,
                            **({f"held-out {k}": v for k, v in stats.items()} if stats else {})}  # fmt: skip
     result.save(model_dir)  # every process: under FSDP / ZeRO-3 the weights are gathered from all of them

@@ -46,7 +46,7 @@ def system_prompt_policy(template, keep_default: bool, log):
     def without_default(conv: Conversation) -> Conversation:
         if conv.messages and conv.messages[0].role == "system":
             return conv
-        return Conversation([Message("system", ""), *conv.messages], conv.source, conv.id)
+        return Conversation([Message("system", ""), *conv.messages], conv.source, conv.id, conv.meta, conv.tools)
 
     return without_default
 

@@ -12,11 +12,23 @@ from corral.serve.models import close_all, load_served_models
 from corral.serve.serving import Limits
 
 
+def serving_dtype(cfg: ServeConfig) -> str:
+    """`dtype=auto` for the transformers engine on a CPU that computes bf16 natively (`cpu_bf16_native`: AMX or
+    AVX512-BF16, and a probe finding bf16 matmuls faster) is bfloat16: a decode step reads every weight once per
+    token, and bf16 halves those bytes (measured in docs/serving.md, "The generation engine"). Elsewhere `auto`
+    is `load_model`'s (float32 on CPU, bf16 / fp16 on GPU)."""
+    from corral.models.load import cpu_bf16_native, default_device
+
+    if cfg.dtype == "auto" and cfg.engine == "transformers" and default_device().type == "cpu" and cpu_bf16_native():
+        return "bfloat16"
+    return cfg.dtype
+
+
 def run(cfg: ServeConfig) -> None:
     import uvicorn
 
-    served = load_served_models(cfg.models or [EMBEDDED_MODEL], template=cfg.template, dtype=cfg.dtype,
-                                max_batch=cfg.max_batch, engine=cfg.engine)
+    served = load_served_models(cfg.models or [EMBEDDED_MODEL], template=cfg.template, dtype=serving_dtype(cfg),
+                                max_batch=cfg.max_batch, engine=cfg.engine, compile=cfg.compile)
     api_key = cfg.api_key or os.environ.get("CORRAL_API_KEY") or None
     limits = Limits(default_max_tokens=cfg.max_tokens, max_tokens=cfg.max_tokens_limit, max_queue=cfg.max_queue,
                     request_timeout=cfg.request_timeout)

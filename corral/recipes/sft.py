@@ -12,7 +12,7 @@ from corral.data.mix import load_records
 from corral.data.pack import collate, pack_rows, single_rows
 from corral.models.adapters import add_lora, add_prefix, is_adapter, trainable_parameter_count, uses_prefix
 from corral.models.forward import final_hidden, output_head, unwrap
-from corral.models.load import load_model, load_tokenizer, master_dtype
+from corral.models.load import frozen_dtype, load_model, load_tokenizer, master_dtype
 from corral.recipes.runs import RecipeResult, begin_run, data_of, saver, system_prompt_policy, split_eval, train_summary
 from corral.train.loop import train
 from corral.train.losses import token_nll_sum
@@ -39,10 +39,11 @@ def flash_attention_2(model) -> bool:
     return getattr(unwrap(model).config, "_attn_implementation", None) == "flash_attention_2"
 
 
-def prepare_model(cfg: SFTConfig, device):
+def prepare_model(cfg: SFTConfig, device, mixed_precision: str = "no"):
     quant_bits = cfg.quant.bits if cfg.method == "qlora" else None
     # Full fine-tuning keeps float32 master weights (bf16 only when asked): autocast does the low-precision compute.
-    dtype = master_dtype(cfg.dtype) if cfg.method == "full" else cfg.dtype
+    # The frozen base of an adapter is stored as autocast computes it (`frozen_dtype`: bf16 on CPUs that compute it).
+    dtype = master_dtype(cfg.dtype) if cfg.method == "full" else frozen_dtype(cfg.dtype, mixed_precision, device)
     model = load_model(cfg.model, dtype=dtype, device=device, quant_bits=quant_bits)
     if is_adapter(model):
         raise ValueError(f"model={cfg.model} is an adapter folder; merge it first (corral merge) to train on top of it")
@@ -88,7 +89,7 @@ def run(cfg: SFTConfig) -> RecipeResult:
     log(f"{len(rows)} rows ({'packed' if pack else 'one sample each'}), {n_tokens} tokens, {n_targets} trained; "
         f"world size {accelerator.num_processes}")
 
-    model = prepare_model(cfg, accelerator.device)
+    model = prepare_model(cfg, accelerator.device, accelerator.mixed_precision)
     trainable, total = trainable_parameter_count(model)
     log(f"model {cfg.model} ({cfg.method}): {trainable:,} trainable of {total:,} parameters; template {template.name}")
     # Every folder carries the template we trained with, so plain transformers/vLLM prompt the same way.

@@ -45,7 +45,7 @@ def _is_lora(adapter_dir: str) -> bool:
 
 
 def load_served_models(specs: list[str], template: str = "auto", dtype: str = "auto", max_batch: int = 32,
-                       engine: str = "transformers") -> dict[str, ServedModel]:
+                       engine: str = "transformers", compile: bool = False) -> dict[str, ServedModel]:
     parsed = [parse_spec(s) for s in specs]
     names = [n for n, _ in parsed]
     if len(set(names)) != len(names):
@@ -74,7 +74,7 @@ def load_served_models(specs: list[str], template: str = "auto", dtype: str = "a
                 for adapter_name, adapter_dir in adapters[1:]:
                     model.load_adapter(adapter_dir, adapter_name=adapter_name)
                 model.eval()
-            eng = TransformersEngine(model, load_tokenizer(base_path), max_batch=max_batch).start()
+            eng = TransformersEngine(model, load_tokenizer(base_path), max_batch=max_batch, compile=compile).start()
         for i, (name, path, adapter_dir) in enumerate(members):
             adapter = f"adapter{i}" if adapter_dir else (BASE_ADAPTER if adapters else None)
             trained = get_template(template, load_tokenizer(path))  # an adapter folder carries its trained template

@@ -1,17 +1,20 @@
 """The OpenAI wire format: pydantic requests, response builders and the error body.
 
 Every request field is either implemented or refused: an unknown field, a field this server does not
-implement (`tools`, `logit_bias`, ...) and a value of the wrong type (`"16"` for an integer: no
+implement (`logit_bias`, `functions`, ...) and a value of the wrong type (`"16"` for an integer: no
 coercion) are a 400 whose `param` names the field, as OpenAI answers. A few fields that carry no
 instruction for the model (`user`, `metadata`, `store`, `service_tier`) are accepted and have no effect.
+Tool calling (`tools`, `tool_choice`, `parallel_tool_calls`, assistant `tool_calls` and `tool` messages)
+is a chat-completions field set; the legacy completions refuse it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -67,8 +70,8 @@ class ResponseFormatField(BaseModel):
 
 # Fields OpenAI defines that this server does not implement: refused by name, never silently ignored.
 NOT_IMPLEMENTED = {
-    "tools": "tool calling is not supported by this server yet",
-    "tool_choice": "tool calling is not supported by this server yet",
+    "tools": "tool calling is only for chat completions (/v1/chat/completions)",
+    "tool_choice": "tool calling is only for chat completions (/v1/chat/completions)",
     "functions": "function calling is not supported by this server",
     "function_call": "function calling is not supported by this server",
     "logit_bias": "logit_bias is not supported by this server",
@@ -82,6 +85,7 @@ NOT_IMPLEMENTED = {
 
 class _Request(BaseModel):
     model_config = STRICT
+    IMPLEMENTED: ClassVar[frozenset[str]] = frozenset()  # fields of NOT_IMPLEMENTED a subclass implements
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -117,7 +121,7 @@ class _Request(BaseModel):
     @model_validator(mode="after")
     def _refuse_what_is_not_implemented(self):
         for field, why in NOT_IMPLEMENTED.items():
-            if getattr(self, field, None) is not None:
+            if field not in self.IMPLEMENTED and getattr(self, field, None) is not None:
                 raise APIError(400, f"{field}: {why}", param=field)
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options: only allowed with stream=true", param="stream_options")
@@ -163,22 +167,86 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for a function's name
+
+
+class FunctionCallField(BaseModel):
+    """A call an assistant message made: `arguments` is a JSON text, as OpenAI sends it."""
+
     model_config = STRICT
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class ToolCallField(BaseModel):
+    model_config = STRICT
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCallField
+
+
+class ChatMessage(BaseModel):
+    """One message. `content` may be null only on an assistant message that makes `tool_calls`; a `tool`
+    message answers one call (`tool_call_id`). `name` is accepted on every role (OpenAI's participant name)."""
+
+    model_config = STRICT
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallField] | None = None
+    tool_call_id: str | None = None
+    # What an assistant message assembled by a client from a reply may carry back; nothing for the model.
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    audio: None = None
+    function_call: None = None
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class FunctionDefinition(BaseModel):
+    model_config = STRICT
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object; none: no arguments
+    strict: bool | None = None  # the arguments always follow the schema when the call is forced, strict or not
+
+
+class ToolDefinition(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: FunctionDefinition
+
+    def openai(self) -> dict:
+        """The definition as the chat template renders it (fields the client left out stay out)."""
+        return self.model_dump(exclude_none=True)
+
+
+class NamedFunction(BaseModel):
+    model_config = STRICT
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatRequest(_Request):
+    IMPLEMENTED: ClassVar[frozenset[str]] = frozenset({"tools", "tool_choice"})
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormatField | None = None
-    parallel_tool_calls: bool | None = None  # accepted: without tools it means nothing
+    tools: list[ToolDefinition] | None = Field(None, min_length=1, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # false: at most one call per reply
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self):
@@ -187,6 +255,39 @@ class ChatRequest(_Request):
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise APIError(400, "max_completion_tokens: give it or max_tokens, not both", param="max_completion_tokens")
         return self
+
+    @model_validator(mode="after")
+    def _tools_fit_together(self):
+        if self.tools is None:
+            if self.tool_choice is not None:
+                raise APIError(400, "tool_choice: only allowed when tools are given", param="tool_choice")
+            return self
+        names = [t.function.name for t in self.tools]
+        for i, tool in enumerate(self.tools):
+            if tool.function.name in names[:i]:
+                raise APIError(400, f"tools[{i}].function.name: '{tool.function.name}' is defined twice",
+                               param=f"tools.{i}.function.name")
+            check_parameters(tool.function.parameters, f"tools[{i}].function.parameters", f"tools.{i}.function.parameters")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise APIError(400, f"tool_choice.function.name: no tool named '{self.tool_choice.function.name}' "
+                                f"(tools: {', '.join(names)})", param="tool_choice.function.name")  # fmt: skip
+        if self.response_format is not None and self.response_format.type != "text" and self.tool_mode != "none":
+            raise APIError(400, "response_format: a JSON response format cannot be combined with tools "
+                                "(use tool_choice 'none', or leave response_format out)", param="response_format")
+        return self
+
+    @property
+    def tool_mode(self) -> str | None:
+        """None without tools; else "none", "auto", "required" or "named" (tool_choice naming one function)."""
+        if self.tools is None:
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    @property
+    def forced_function(self) -> str | None:
+        return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
 
     @property
     def asked_max_tokens(self) -> int | None:
@@ -201,6 +302,29 @@ class ChatRequest(_Request):
 
     def response_format_asked(self) -> ResponseFormat | None:
         return self.response_format.engine_format() if self.response_format else None
+
+
+def check_parameters(schema: dict | None, where: str, param: str) -> None:
+    """A function's `parameters`: a JSON schema of an object that xgrammar can compile (what a forced call
+    is decoded under), else a 400 naming the field."""
+    if schema is None:
+        return
+    if schema.get("type", "object") != "object":
+        raise APIError(400, f"{where}: must be a JSON schema of an object (\"type\": \"object\"), got type "
+                            f"{json.dumps(schema.get('type'))}", param=param)  # fmt: skip
+    properties = schema.get("properties", {})
+    if not isinstance(properties, dict) or not all(isinstance(v, (dict, bool)) for v in properties.values()):
+        raise APIError(400, f"{where}.properties: must map each argument's name to its JSON schema", param=param)
+    required = schema.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        raise APIError(400, f"{where}.required: must be a list of argument names", param=param)
+    try:
+        import xgrammar as xgr
+
+        xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
+    except Exception as e:  # xgrammar raises RuntimeError/ValueError with its reason
+        reason = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e)).strip()  # its C++ log prefix
+        raise APIError(400, f"{where}: not a JSON schema this server can use: {reason}", param=param) from None
 
 
 class CompletionRequest(_Request):

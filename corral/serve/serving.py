@@ -8,13 +8,16 @@ them directly.
 
 Chat prompts are rendered with each model's own chat template (the code SFT trained with) and stop
 at its end-of-turn. A streamed reply's engine streams travel with its chunks, so whoever sends them
-can cancel the requests when the client leaves.
+can cancel the requests when the client leaves. Tool calling (`tools`, `tool_choice`) goes through
+`serve/toolcalls.py`: the prompt and sampling a request's tools need, and its replies' text read into
+`content` and `tool_calls`, alike for every engine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -22,14 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from corral.atomic import append_line
-from corral.chat.conversation import Conversation, Message
+from corral.chat.conversation import Conversation, Message, ToolCall
 from corral.chat.templates import TemplateError
+from corral.chat.tools import ToolError, check_tools
 from corral.generate.chat import with_template_stops
 from corral.generate.sampling import SamplingError, SamplingParams
 from corral.generate.types import Completion, Stream, TokenEvent, TokenLogprob
 from corral.serve.metrics import Metrics, RequestClock
 from corral.serve.models import ServedModel
 from corral.serve.protocol import APIError, ChatRequest, CompletionRequest, Vote, envelope, new_id, usage
+from corral.serve.toolcalls import ReplyShaper, ToolPlan, forced_sampling
+from corral.serve.toolcalls import plan as tool_plan_of
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ def list_models(serving: Serving) -> dict:
 
 async def chat_completions(serving: Serving, req: ChatRequest) -> dict | Chunks:
     served = lookup(serving, req.model)
+    tools = tool_plan_of(req, served.template, req.model)
     conversation = to_conversation(req)
     loop = asyncio.get_running_loop()
 
@@ -83,7 +90,10 @@ async def chat_completions(serving: Serving, req: ChatRequest) -> dict | Chunks:
             prompt_ids = served.template.render(conversation)
         except (TemplateError, ValueError) as e:
             raise APIError(400, str(e), param="messages") from None
+        if tools is not None and tools.prompt_suffix:  # a forced call: the model "has written" its opening
+            prompt_ids = prompt_ids + served.engine.tokenizer(tools.prompt_suffix, add_special_tokens=False)["input_ids"]
         params = with_template_stops(sampling(serving.limits, req, len(prompt_ids), served.engine.max_len), served.template)
+        params = forced_sampling(params, tools)
         if req.logprobs:
             vocab_bytes(served.engine.tokenizer)
         return submit_ids(served, prompt_ids, params, "messages", loop)
@@ -94,14 +104,24 @@ async def chat_completions(serving: Serving, req: ChatRequest) -> dict | Chunks:
     clock = RequestClock(serving.metrics, stream.prompt_tokens)
     if req.stream:
         tokenizer = served.engine.tokenizer if req.logprobs else None
-        return Chunks(chat_chunks(stream, clock, request_id, req.model, req.include_usage, tokenizer), [stream])
+        return Chunks(chat_chunks(stream, clock, request_id, req.model, req.include_usage, tokenizer, tools), [stream])
     choices = await collect([stream], clock, serving.limits.request_timeout)
     tokenizer = served.engine.tokenizer
     return envelope("chat.completion", request_id, req.model, [
-        {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
+        {"index": i, **reply_message(c.text, c.finish_reason, tools),
          "logprobs": chat_logprobs(tokenizer, c.logprobs) if req.logprobs else None}
         for i, c in enumerate(choices[0])
     ], usage(stream.prompt_tokens, sum(len(c.token_ids) for c in choices[0])))  # fmt: skip
+
+
+def reply_message(text: str, finish_reason: str, tools: ToolPlan | None) -> dict:
+    """A whole reply's `message` and `finish_reason`: with tools, read by the same shaper a stream goes through."""
+    if tools is None:
+        return {"message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+    shaper = ReplyShaper(tools)
+    shaper.feed(text)
+    shaper.finish()
+    return {"message": shaper.message(), "finish_reason": shaper.finish_reason(finish_reason)}
 
 
 async def completions(serving: Serving, req: CompletionRequest) -> dict | Chunks:
@@ -222,13 +242,48 @@ def submit_ids(served: ServedModel, prompt_ids: list[int], params: SamplingParam
 
 
 def to_conversation(req: ChatRequest) -> Conversation:
+    """The request's messages and tools as a Conversation; tool use that does not fit together (a result
+    answering no call, a call left without its result, arguments that are not a JSON object) is a 400
+    naming the message's field."""
     messages = []
     for i, m in enumerate(req.messages):
         role = "system" if m.role == "developer" else m.role
+        at, param = f"messages[{i}]", f"messages.{i}"
         if role == "system" and i > 0:
-            raise APIError(400, f"messages[{i}]: a system message is only allowed first", param=f"messages.{i}.role")
-        messages.append(Message(role, m.text()))
-    return Conversation(messages)
+            raise APIError(400, f"{at}: a system message is only allowed first", param=f"{param}.role")
+        if m.content is None and not (role == "assistant" and m.tool_calls):
+            raise APIError(400, f"{at}.content: required (only an assistant message with tool_calls may leave it "
+                                "null)", param=f"{param}.content")  # fmt: skip
+        if m.tool_calls is not None and role != "assistant":
+            raise APIError(400, f"{at}.tool_calls: only an assistant message makes tool calls",
+                           param=f"{param}.tool_calls")
+        if (m.tool_call_id is None) == (role == "tool"):
+            which = "a tool message needs the tool_call_id it answers" if role == "tool" else \
+                "only a tool message answers a call"
+            raise APIError(400, f"{at}.tool_call_id: {which}", param=f"{param}.tool_call_id")
+        calls = []
+        for j, call in enumerate(m.tool_calls or []):
+            try:
+                arguments = json.loads(call.function.arguments)
+            except ValueError:
+                arguments = None
+            if not isinstance(arguments, dict):
+                field = f"{at}.tool_calls[{j}].function.arguments"
+                raise APIError(400, f"{field}: must be a JSON object as text, got {call.function.arguments[:80]!r}",
+                               param=f"{param}.tool_calls.{j}.function.arguments")
+            calls.append(ToolCall(call.id, call.function.name, arguments))
+        messages.append(Message(role, m.text(), tool_calls=calls, tool_call_id=m.tool_call_id or "",
+                                name=(m.name or "") if role == "tool" else ""))
+    conversation = Conversation(messages, tools=[t.openai() for t in req.tools or []])
+    if conversation.uses_tools:
+        try:
+            check_tools(conversation)
+        except ToolError as e:  # its message names the field: "field 'messages[3].tool_call_id': ..."
+            named = re.match(r"field '([^']+)': ", str(e))
+            field = named.group(1) if named else "messages"
+            message = f"{field}: {str(e)[named.end():]}" if named else str(e)
+            raise APIError(400, message, param=re.sub(r"\[(\d+)\]", r".\1", field)) from None
+    return conversation
 
 
 def vote_record(vote: Vote) -> dict:
@@ -328,9 +383,11 @@ def completion_logprobs(tokenizer, logprobs: list[TokenLogprob], offset: int) ->
 
 
 async def chat_chunks(stream: Stream, clock: RequestClock, request_id: str, model: str, include_usage: bool,
-                      tokenizer=None) -> AsyncIterator[dict]:
-    """The chunks of a streamed chat reply; with `tokenizer`, each token's logprobs ride with its text."""
+                      tokenizer=None, tools: ToolPlan | None = None) -> AsyncIterator[dict]:
+    """The chunks of a streamed chat reply; with `tokenizer`, each token's logprobs ride with its text. With
+    `tools`, each reply's text goes through its `ReplyShaper`: content and tool-call deltas, in OpenAI's shape."""
     logprobs = tokenizer is not None
+    shapers = {i: ReplyShaper(tools) for i in range(stream.n)} if tools is not None else {}
 
     def chunk(choices, usage_=None):
         body = envelope("chat.completion.chunk", request_id, model, choices)
@@ -338,8 +395,8 @@ async def chat_chunks(stream: Stream, clock: RequestClock, request_id: str, mode
             body["usage"] = usage_
         return body
 
-    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                 for i in range(stream.n)])
+    first = {"role": "assistant", "content": None if tools is not None and tools.mode == "forced" else ""}
+    yield chunk([{"index": i, "delta": dict(first), "finish_reason": None} for i in range(stream.n)])
     completion_tokens = 0
     try:
         async for event in stream:
@@ -348,13 +405,21 @@ async def chat_chunks(stream: Stream, clock: RequestClock, request_id: str, mode
                 yield _error_chunk(event.error)
                 return
             completion_tokens += event.token_id is not None
-            if event.text or (logprobs and event.logprob):
-                choice = {"index": event.index, "delta": {"content": event.text}, "finish_reason": None}
-                if logprobs and event.logprob:
+            shaper = shapers.get(event.index)
+            if shaper is None:
+                deltas = [{"content": event.text}] if event.text else []
+            else:
+                deltas = (shaper.feed(event.text) if event.text else []) + (shaper.finish() if event.finish_reason else [])
+            if logprobs and event.logprob and not deltas:
+                deltas = [{}]  # the token's logprobs go out even while its text is held back
+            for k, delta in enumerate(deltas):
+                choice = {"index": event.index, "delta": delta, "finish_reason": None}
+                if k == 0 and logprobs and event.logprob:
                     choice["logprobs"] = chat_logprobs(tokenizer, [event.logprob])
                 yield chunk([choice])
             if event.finish_reason:
-                yield chunk([{"index": event.index, "delta": {}, "finish_reason": event.finish_reason}])
+                reason = shaper.finish_reason(event.finish_reason) if shaper is not None else event.finish_reason
+                yield chunk([{"index": event.index, "delta": {}, "finish_reason": reason}])
         if include_usage:
             yield chunk([], usage(stream.prompt_tokens, completion_tokens))
     finally:

@@ -14,7 +14,8 @@ SFT, reward, DPO (through `train/loop.py`) and PPO (in its recipe) all use it wi
 It owns optimizer and schedule creation (`train/optim.py`), gradient clipping (`max_grad_norm=0`: off, the
 norm still logged), accelerate's `prepare`, the extra state that a checkpoint carries (a KL controller, an EMA),
 resume, the checkpoint call, and the metrics log with its trackers. Mixed precision is the accelerator's
-(`make_accelerator`), so every recipe gets it the same way.
+(`make_accelerator`), so every recipe gets it the same way; `resume` prints it and the first metrics record
+carries it (`precision_info`).
 
 Under FSDP and DeepSpeed (`accelerate launch --config_file corral/configs/accelerate_*.yaml`) each process holds a
 share of the weights: accelerate's `save_state` / `load_state` write and read the sharded model with the
@@ -36,16 +37,49 @@ from corral.train.optim import make_optimizer, make_scheduler
 
 
 def auto_mixed_precision(dtype: str = "auto") -> str:
-    """`train.mixed_precision=auto`: none on CPU; fp16 autocast when fp16 weights were asked for (`dtype=float16`);
-    bf16 on GPUs that compute in it natively (Ampere and later); fp16 with loss scaling on older GPUs (V100, T4),
-    where bf16 is only emulated."""
-    from corral.models.load import native_bf16
+    """`train.mixed_precision=auto`: bf16 autocast on a CPU that computes bf16 natively (`cpu_bf16_native`: AMX or
+    AVX512-BF16, where a 135M model's matmuls run 2-4x faster in bf16), none on other CPUs (bf16 is slower than
+    fp32 there); on a GPU fp16 autocast when fp16 weights were asked for (`dtype=float16`), bf16 on GPUs that compute
+    in it natively (Ampere and later), fp16 with loss scaling on older GPUs (V100, T4), where bf16 is only emulated.
+    Weights an optimizer updates stay float32 under autocast (`master_dtype`)."""
+    from corral.models.load import cpu_bf16_native, native_bf16
 
     if not torch.cuda.is_available():
-        return "no"
+        return "bf16" if dtype in ("auto", "float32", "bfloat16") and cpu_bf16_native() else "no"
     if dtype == "float16":
         return "fp16"
     return "bf16" if native_bf16() else "fp16"
+
+
+def precision_info(accelerator, modules: Iterable[torch.nn.Module]) -> dict:
+    """What a run computes and stores in, for its log, metrics.jsonl and summary: the autocast (`mixed_precision`),
+    the dtypes of the trained and of the frozen weights of `modules`, and on CPU whether it computes bf16
+    natively (what `auto` went by)."""
+    from corral.models.load import cpu_bf16_native
+
+    trained: set[str] = set()
+    frozen: set[str] = set()
+    for module in modules:
+        for param in module.parameters():
+            (trained if param.requires_grad else frozen).add(str(param.dtype).removeprefix("torch."))
+    info = {"mixed_precision": str(accelerator.mixed_precision), "device": accelerator.device.type,
+            "trained_weights": ",".join(sorted(trained)) or None, "frozen_weights": ",".join(sorted(frozen)) or None}
+    if accelerator.device.type == "cpu":
+        info["cpu_bf16_native"] = cpu_bf16_native()
+    return info
+
+
+def describe_precision(info: dict) -> str:
+    """One line for the run's start: `precision: bf16 autocast; trained weights float32, frozen bfloat16 (...)`."""
+    compute = {"no": "float32 (no autocast)", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
+    line = f"precision: {compute.get(info['mixed_precision'], info['mixed_precision'])}"
+    line += f"; trained weights {info['trained_weights']}"
+    if info["frozen_weights"]:
+        line += f", frozen {info['frozen_weights']}"
+    if "cpu_bf16_native" in info:
+        line += f" (CPU {'computes' if info['cpu_bf16_native'] else 'does not compute'} bf16 natively"
+        line += "; CORRAL_CPU_BF16=0|1 or train.mixed_precision=no|bf16 overrides)"
+    return line
 
 
 def make_accelerator(mixed_precision: str = "auto", dtype: str = "auto"):
@@ -53,9 +87,23 @@ def make_accelerator(mixed_precision: str = "auto", dtype: str = "auto"):
 
     if mixed_precision == "auto":
         mixed_precision = auto_mixed_precision(dtype)
+    _forget_other_precision(mixed_precision)
     # cpu=True on a machine without CUDA: accelerate then sets up multi-process CPU runs (gloo) when
     # launched with several processes; without it each process would think it runs alone.
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
+def _forget_other_precision(mixed_precision: str) -> None:
+    """accelerate keeps one state per process and refuses an Accelerator of another mixed precision after the
+    first. One process running several recipes one after another (the pipeline's stages, tests, a notebook) may
+    ask for different ones (a stage with train.mixed_precision=no after an `auto` one that picked bf16): a
+    single-process run's state is dropped and made again. Several processes keep theirs (and accelerate's error):
+    their state holds the process group."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    current = AcceleratorState._shared_state.get("_mixed_precision")
+    if current is not None and current != mixed_precision and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
 
 
 def weights_sharded(accelerator) -> bool:
@@ -167,6 +215,7 @@ class Harness:
         self.trained: list[Trained] = []
         self.metrics: MetricsLog | None = None
         self.resumed_from: Path | None = None
+        self.precision: dict = {}  # precision_info, set by resume()
 
     def add(self, name: str, model: torch.nn.Module, *, save: Callable[[torch.nn.Module, Path], None],
             total_steps: int, optimizer: str, lr: float, weight_decay: float, betas: tuple[float, float],
@@ -221,8 +270,13 @@ class Harness:
             start = ckpt.read_state(self.resumed_from)["step"]
             if self.accelerator.is_main_process:
                 print(f"resumed from {self.resumed_from} at step {start}")
+        self.precision = precision_info(self.accelerator, [t.model for t in self.trained])
+        if self.accelerator.is_main_process:
+            print(describe_precision(self.precision))
+        # The first record this run logs carries the precision (a record of its own would look like a step).
         self.metrics = MetricsLog(self.output_dir, resume_step=start, enabled=self.accelerator.is_main_process,
-                                  report_to=self.report_to, config=self.config)  # fmt: skip
+                                  report_to=self.report_to, config=self.config,
+                                  first_record={"precision": self.precision})  # fmt: skip
         return start
 
     def checkpoint(self, step: int, state: dict | None = None) -> Path:

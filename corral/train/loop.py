@@ -84,6 +84,7 @@ class TrainResult:
     resumed_from: int = 0
     # save(folder): the trained model's standard folder. Every process calls it (FSDP / ZeRO-3 gather the weights).
     save: Callable[[Path], None] | None = None
+    precision: dict = field(default_factory=dict)  # what the run computed and stored in (harness.precision_info)
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -213,5 +214,26 @@ def train(
             print(f"eval loss: {eval_loss:.4f} ({len(eval_rows)} held-out rows)")
     path = checkpoint(total_steps) if last_saved != total_steps else ckpt.list_checkpoints(output_dir)[-1][1]
     harness.close()
-    return TrainResult(total_steps, last_loss, eval_loss, path, metrics.path, resumed_from=start_step,
-                       save=trained.save_to)
+    result = TrainResult(total_steps, last_loss, eval_loss, path, metrics.path, resumed_from=start_step,
+                         save=trained.save_to, precision=harness.precision)
+    if main:
+        write_summary(output_dir, result, time.perf_counter() - started)
+    return result
+
+
+def write_summary(output_dir: Path, result: TrainResult, train_s: float) -> Path:
+    """`summary.json`: the run's figures in one file (steps, last losses, precision, this process's training time
+    and peak memory), as PPO writes its own."""
+    import json
+    import resource
+
+    from corral.atomic import atomic_write_text
+
+    summary = {"steps": result.steps, "loss": result.last_loss, "eval_loss": result.eval_loss,
+               "resumed_from": result.resumed_from, "precision": result.precision, "train_s": train_s,
+               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+    if torch.cuda.is_available():
+        summary["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    path = output_dir / "summary.json"
+    atomic_write_text(path, json.dumps(summary, indent=1) + "\n")
+    return path

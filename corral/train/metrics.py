@@ -61,8 +61,10 @@ class MetricsLog:
     """
 
     def __init__(self, output_dir: str | Path, resume_step: int = 0, enabled: bool = True,
-                 report_to: str | Iterable[str] = (), run_name: str = "", config: dict | None = None):
+                 report_to: str | Iterable[str] = (), run_name: str = "", config: dict | None = None,
+                 first_record: dict | None = None):
         self.output_dir = Path(output_dir)
+        self.first_record = dict(first_record or {})  # merged into the first record logged (the run's precision)
         self.path = self.output_dir / "metrics.jsonl"
         self.enabled = enabled
         self.trackers: list = []
@@ -96,6 +98,8 @@ class MetricsLog:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
+        if self.first_record:
+            record, self.first_record = {**record, **self.first_record}, {}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()

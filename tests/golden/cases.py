@@ -17,7 +17,9 @@ PAIRS = "builtin:corral_preferences"
 STEPS = 3
 # No dropout and no eval split: the figures depend on the weights, the data order and the seeds only.
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
-TRAIN = {"max_steps": STEPS, "batch_size": 2, "max_len": 96, "lr": 1e-3, "warmup_ratio": 0.0, "resume": "never"}
+# fp32 compute, whatever `auto` picks on the machine (bf16 autocast where the CPU computes bf16 natively).
+TRAIN = {"max_steps": STEPS, "batch_size": 2, "max_len": 96, "lr": 1e-3, "warmup_ratio": 0.0, "resume": "never",
+         "mixed_precision": "no"}
 
 
 def _sft(method: str) -> Callable[[Path, Path], list[dict]]:
@@ -63,7 +65,8 @@ def _ppo(advantage: str, k: int, **settings) -> Callable[[Path, Path], list[dict
         ppo.run(PPOConfig(model=str(model_dir), template="chatml", reward="tests.golden.cases:vowel_share",
                           output_dir=str(out), advantage=advantage, steps=STEPS, data={"path": DATA}, lora=LORA,
                           rollout={"prompts_per_step": 2, "samples_per_prompt": k, "max_new_tokens": 6},
-                          actor={"lr": 1e-3}, critic={"lr": 1e-3}, **settings))  # fmt: skip
+                          actor={"lr": 1e-3}, critic={"lr": 1e-3}, train={"mixed_precision": "no"},
+                          **settings))  # fmt: skip
         return read_jsonl(out / "metrics.jsonl")
 
     return case

@@ -75,3 +75,95 @@ def test_bad_flags_fail_cleanly(bad, tmp_path):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 2
+
+
+# ---------------------------------------------------------------------------------------------- Markdown, tool calls
+MARKDOWN_REPLY = "Use **this**:\n\n```python\nprint('hi')\n```\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"
+
+
+@pytest.fixture(scope="module")
+def markdown_server(tiny_tokenizer):
+    """A real server whose scripted engine answers MARKDOWN_REPLY to every request."""
+    import asyncio
+    import threading
+    import time
+
+    import uvicorn
+
+    from corral.chat.templates import get_template
+    from corral.serve.api import build_app
+    from corral.serve.models import ServedModel
+    from tests.conftest import free_port
+    from tests.unit.test_serve_tools import ScriptedEngine
+
+    class Always(ScriptedEngine):
+        def submit(self, prompt_ids, params, adapter=None, loop=None):
+            self.replies.append(MARKDOWN_REPLY)
+            return super().submit(prompt_ids, params, adapter, loop)
+
+    app = build_app({"md": ServedModel("md", Always(tiny_tokenizer), get_template("chatml", tiny_tokenizer), None, 0)})
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/v1"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_a_markdown_reply_is_redrawn_rendered_on_a_terminal(markdown_server, tmp_path):
+    child = spawn(["md", "--api", markdown_server], tmp_path)
+    shown = send(child, "format something")
+    # Streamed raw, then erased (cursor up, clear to the end of the screen) and drawn by rich.
+    raw_end = shown.index("| 1 | 2 |")
+    assert shown[:raw_end].startswith("Use **this**:")  # first the raw text, as it streamed
+    assert shown[raw_end:].startswith("| 1 | 2 |\n\r\x1b[9A\x1b[J")  # then up over the reply's ten rows, cleared
+    drawn = shown.split("\x1b[J", 1)[1]
+    assert "\x1b[1mthis\x1b[0m" in drawn and "**" not in drawn  # bold, without its asterisks
+    assert "```" not in drawn and "print" in drawn  # the code block without its fence
+    assert "──" in drawn and "| 1 |" not in drawn  # the table drawn with box lines, not pipes
+    assert "saved 2 messages" in send(child, "/save md.json")
+    (record,) = json.loads((tmp_path / "md.json").read_text())
+    assert record["conversations"][1]["value"] == MARKDOWN_REPLY.strip()  # what is kept is the reply's text
+    child.sendeof()
+    child.expect(pexpect.EOF)
+
+
+def test_output_that_is_not_a_terminal_gets_the_plain_text(markdown_server, tmp_path):
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "corral.cli", "chat", "md", "--api", markdown_server],
+                          input="format something\n", capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert MARKDOWN_REPLY in done.stdout and "\x1b[" not in done.stdout
+
+
+def test_tool_calls_in_a_reply_are_shown_not_run(tiny_tokenizer):
+    import io
+
+    from corral.chat.templates import get_template
+    from corral.serve.terminal import reply_calls, show_reply
+
+    class Local:  # what reply_calls reads of a LocalBackend: its template
+        template = get_template("chatml", tiny_tokenizer)
+
+    reply = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    content, calls = reply_calls(Local(), reply)
+    assert content == "Checking." and [(c.name, c.arguments) for c in calls] == [("get_weather", {"city": "Paris"})]
+    assert reply_calls(object(), reply) == (reply, [])  # a server's replies: no template here, no calls read
+
+    plain = io.StringIO()
+    show_reply(plain, reply, calls, content)
+    assert plain.getvalue() == '\n[tool call] get_weather {"city": "Paris"}\n(the chat does not run tools)'
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    show_reply(terminal, reply, calls, content)
+    drawn = terminal.getvalue()
+    assert drawn.startswith("\r\x1b[3A\x1b[J")  # the four streamed rows cleared
+    assert "tool call: get_weather" in drawn and "Paris" in drawn and "not run" in drawn

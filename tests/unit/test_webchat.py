@@ -8,7 +8,6 @@ aborts, that errors are shown, and that an arena vote lands in the votes file as
 from __future__ import annotations
 
 import json
-import shutil
 
 import httpx
 import pytest
@@ -16,26 +15,12 @@ import pytest
 from tests.conftest import ServerProcess
 
 try:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 except ImportError:  # pragma: no cover - depends on the machine
-    sync_playwright = None
+    expect = None  # the browser fixture skips these tests
 
 KEY = "web-key-456"
 WAIT_MS = 60_000  # generous: other tests may share a small CPU
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if sync_playwright is None:
-        pytest.skip("the playwright Python package is not installed (pip install playwright)")
-    executable = shutil.which("chromium") or shutil.which("chromium-browser")
-    if executable is None:
-        pytest.skip("no Chromium on PATH (apt-get install chromium); the web chat tests need a real browser")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
-        expect.set_options(timeout=WAIT_MS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +92,9 @@ def stored_key(page) -> dict:
 
 
 def text_of(page, selector: str) -> str:
-    """The exact text (whitespace included, unlike inner_text) of the element."""
-    return page.eval_on_selector(selector, "e => e.textContent")
+    """The exact text (whitespace included, unlike inner_text) of the element: a reply's as received (the
+    Markdown source the page renders from), anything else's text content."""
+    return page.eval_on_selector(selector, "e => e.dataset.markdown ?? e.textContent")
 
 
 def wait_done(page, selector: str, nth: int = 0) -> None:

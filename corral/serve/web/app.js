@@ -1,8 +1,10 @@
 // Corral web chat and arena: plain JavaScript over the server's OpenAI-compatible API.
 //
 // Replies stream in through fetch() + a ReadableStream reader of the server-sent events
-// ("data: {json}" lines, ending with "data: [DONE]"). Model output is only ever written with
-// textContent, never parsed as HTML. URLs are relative, so the page also works behind a path prefix.
+// ("data: {json}" lines, ending with "data: [DONE]"). Replies are shown as Markdown by markdown.js,
+// which builds DOM nodes from text and never parses HTML; everything else the model or the server
+// sends is written with textContent. Tool calls in a reply are shown, never run. URLs are relative,
+// so the page also works behind a path prefix.
 "use strict";
 
 (() => {
@@ -136,10 +138,11 @@
   }
 
   /**
-   * POST a streaming chat completion; call onText(piece) for each piece of the reply.
+   * POST a streaming chat completion; call onText(piece) for each piece of the reply, and
+   * onToolCalls(calls) with the calls assembled so far whenever a tool-call delta arrives.
    * Resolves with the finish reason; rejects with an AbortError when `signal` aborts.
    */
-  async function streamChat(body, signal, onText) {
+  async function streamChat(body, signal, onText, onToolCalls = () => {}) {
     const response = await request("v1/chat/completions", {
       method: "POST", body: JSON.stringify({ ...body, stream: true }), signal,
     });
@@ -147,6 +150,7 @@
     const decoder = new TextDecoder();
     let buffer = "";
     let finish = null;
+    const calls = [];
     for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
@@ -164,10 +168,57 @@
         const choice = chunk.choices && chunk.choices[0];
         if (!choice) continue;
         if (choice.delta && choice.delta.content) onText(choice.delta.content);
+        if (choice.delta && Array.isArray(choice.delta.tool_calls)) {
+          addToolCallDeltas(calls, choice.delta.tool_calls);
+          onToolCalls(calls);
+        }
         if (choice.finish_reason) finish = choice.finish_reason;
       }
     }
     throw new APIError("The connection closed before the reply was complete", 0);
+  }
+
+  /** OpenAI's streamed tool calls: the first delta of a call has its id and name, later ones add arguments. */
+  function addToolCallDeltas(calls, deltas) {
+    for (const delta of deltas) {
+      const index = Number.isInteger(delta.index) ? delta.index : calls.length;
+      const call = calls[index] || (calls[index] = { id: "", name: "", arguments: "" });
+      if (delta.id) call.id = delta.id;
+      const fn = delta.function || {};
+      if (fn.name) call.name += fn.name;
+      if (typeof fn.arguments === "string") call.arguments += fn.arguments;
+    }
+  }
+
+  // ---------------------------------------------------------------- rendering
+  /** A reply as Markdown, then its tool calls; the source is kept on the element (what was received). */
+  function showReply(container, text, calls = []) {
+    container.dataset.markdown = text;
+    window.CorralMarkdown.render(container, text);
+    if (calls.length) container.append(toolCallsView(calls));
+  }
+
+  /** Tool calls, readably: the function's name and its arguments (pretty JSON when they parse). */
+  function toolCallsView(calls) {
+    const box = document.createElement("div");
+    box.className = "tool-calls";
+    for (const call of calls.filter(Boolean)) {
+      const item = document.createElement("div");
+      item.className = "tool-call";
+      item.dataset.name = call.name;
+      const head = document.createElement("div");
+      head.className = "tool-head";
+      const name = document.createElement("code");
+      name.textContent = call.name || "(unnamed)";
+      head.append("Tool call ", name);
+      const args = document.createElement("pre");
+      let shown = call.arguments;
+      try { shown = JSON.stringify(JSON.parse(call.arguments), null, 2); } catch { /* still streaming: as sent */ }
+      args.textContent = shown;
+      item.append(head, args);
+      box.append(item);
+    }
+    return box;
   }
 
   // ---------------------------------------------------------------- models
@@ -282,16 +333,17 @@
     chat.controller = controller;
     setChatBusy(true);
     let reply = "";
+    let calls = [];
     let failure = null;
+    const update = () => {
+      const follow = nearBottom(el.messages);
+      showReply(bubble, reply, calls);
+      bubble.dataset.chunks = String(Number(bubble.dataset.chunks) + 1);
+      if (follow) el.messages.scrollTop = el.messages.scrollHeight;
+    };
     try {
       const finish = await streamChat({ model, messages: withSystem(chat.history), ...params }, controller.signal,
-        (piece) => {
-          const follow = nearBottom(el.messages);
-          reply += piece;
-          bubble.textContent = reply;
-          bubble.dataset.chunks = String(Number(bubble.dataset.chunks) + 1);
-          if (follow) el.messages.scrollTop = el.messages.scrollHeight;
-        });
+        (piece) => { reply += piece; update(); }, (assembled) => { calls = assembled; update(); });
       bubble.dataset.finish = finish || "";
     } catch (e) {
       if (e.name === "AbortError") bubble.dataset.stopped = "true";
@@ -301,8 +353,11 @@
     bubble.dataset.done = "true";
 
     if (chat.controller === controller) {  // not cleared by "New chat" meanwhile
-      if (reply) {
+      if (reply || calls.length) {
+        // The page runs no tools, so a call is kept on screen but not in the history: a call sent back
+        // without its result would be refused by the server.
         chat.history.push({ role: "assistant", content: reply });
+        if (!reply.trim() && !calls.length) bubble.classList.add("empty");
         if (failure) bubble.dataset.failed = "true";
       } else if (failure || bubble.dataset.stopped) {
         // Nothing came back: take the turn back and put the text back in the box to retry or edit.
@@ -357,7 +412,7 @@
       el.names[side].classList.remove("revealed");
       el.replies[side].textContent = "";
       el.replies[side].className = "reply";
-      for (const key of ["done", "chunks", "failed", "stopped"]) delete el.replies[side].dataset[key];
+      for (const key of ["done", "chunks", "failed", "stopped", "markdown"]) delete el.replies[side].dataset[key];
     }
     el.voteBar.hidden = true;
     for (const button of el.voteButtons) { button.disabled = false; button.classList.remove("chosen"); }
@@ -405,7 +460,7 @@
       try {
         await streamChat({ model: current.models[side], messages, ...params }, current.controller.signal, (piece) => {
           current.replies[side] += piece;
-          panel.textContent = current.replies[side];
+          showReply(panel, current.replies[side]);
           panel.dataset.chunks = String(Number(panel.dataset.chunks) + 1);
         });
       } catch (e) {
@@ -413,7 +468,7 @@
         throw e;
       } finally {
         panel.classList.remove("streaming");
-        if (!current.replies[side]) panel.classList.add("empty");
+        if (!current.replies[side].trim()) panel.classList.add("empty");
         panel.dataset.done = "true";
       }
     };

@@ -16,8 +16,8 @@ from typing import Callable
 
 import torch
 
-from corral.models.adapters import add_lora, is_adapter, trainable_parameter_count
-from corral.models.load import load_model, master_dtype, resolve_dtype, resolve_model
+from corral.models.adapters import add_lora, is_adapter, trainable_in_float32, trainable_parameter_count
+from corral.models.load import frozen_dtype, load_model, master_dtype, resolve_dtype, resolve_model
 from corral.train.ppo.rollout import Samples, batch_tensors
 
 Scorer = Callable[[Samples], torch.Tensor]  # samples -> (N,) scores
@@ -84,16 +84,20 @@ class Roles:
 
 
 def build_roles(model: str, reward: str, *, method: str, dtype: str, lora: LoraSettings, with_critic: bool,
-                pad_id: int, log) -> Roles:
-    """Actor, reference, reward and critic; with LoRA, all over one copy of the base weights."""
+                pad_id: int, log, mixed_precision: str = "no") -> Roles:
+    """Actor, reference, reward and critic; with LoRA, all over one copy of the base weights. Weights no optimizer
+    updates (a LoRA actor's base and the views over it, a reward model of its own) are stored as the run's autocast
+    (`mixed_precision`) computes them (`frozen_dtype`: bf16 on CPUs that compute it natively)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from corral.models.shared import base_weight_bytes, view_of, weight_bytes
 
-    torch_dtype = resolve_dtype(dtype)
+    frozen = frozen_dtype(dtype, mixed_precision)
+    torch_dtype = resolve_dtype(frozen)
     start = resolve_model(model)
-    # A fully trained actor keeps float32 master weights (bf16 only when asked); its frozen reference copies them.
-    actor_dtype = master_dtype(dtype) if method == "full" else dtype
+    # A fully trained actor keeps float32 master weights (bf16 only when asked); its frozen reference copies them,
+    # so that it gives the actor's own log-probs (a KL of 0) before the first update.
+    actor_dtype = master_dtype(dtype) if method == "full" else frozen
     actor = load_model(model, dtype=actor_dtype, trainable_adapter=method == "lora")
     base_bytes = base_weight_bytes(actor)
     ref_model = None
@@ -126,12 +130,12 @@ def build_roles(model: str, reward: str, *, method: str, dtype: str, lora: LoraS
                                                    **classifier), rm_start.adapter).eval()  # fmt: skip
             log(f"reward model: {reward} over the actor's base weights")
         else:
-            rm = load_model(reward, dtype=dtype, head="score", pad_token_id=pad_id)
+            rm = load_model(reward, dtype=frozen, head="score", pad_token_id=pad_id)
             log(f"reward model: {reward} (its own weights: it does not share the actor's frozen base)")
         rm.requires_grad_(False)
     scorer = RewardModelScorer(rm, pad_id) if rm is not None else RewardFunction(reward)
     critic = make_critic(model, reward, rm, actor, method=method, dtype=dtype, lora=lora, pad_id=pad_id,
-                         log=log) if with_critic else None  # fmt: skip
+                         log=log, frozen=torch_dtype) if with_critic else None  # fmt: skip
     models = [m for m in (actor, ref_model, rm, critic) if m is not None]
     total_bytes = weight_bytes(*models)
     log(f"weights in memory, all roles: {total_bytes / 2**20:,.1f} MiB = {total_bytes / base_bytes:.3f}x one copy of "
@@ -139,10 +143,12 @@ def build_roles(model: str, reward: str, *, method: str, dtype: str, lora: LoraS
     return Roles(actor, ref_model, scorer, critic, models, base_bytes, total_bytes)
 
 
-def make_critic(model: str, reward: str, rm, actor, *, method: str, dtype: str, lora: LoraSettings, pad_id: int, log):
+def make_critic(model: str, reward: str, rm, actor, *, method: str, dtype: str, lora: LoraSettings, pad_id: int, log,
+                frozen: torch.dtype | None = None):
     """The critic starts from the reward model (DeepSpeed-Chat), or with a zero value head on the actor's
     base when the reward is a function. LoRA: a trainable copy of the RM's adapter (or a new adapter)
-    over frozen weights it shares; full: its own trainable copy."""
+    over frozen weights it shares (`frozen`: their dtype; default what `dtype` resolves to); full: its own
+    trainable copy."""
     from transformers import AutoModelForSequenceClassification
 
     from corral.models.shared import view_of
@@ -154,11 +160,13 @@ def make_critic(model: str, reward: str, rm, actor, *, method: str, dtype: str, 
         log(f"critic: a trainable copy of {start}")
         return Critic(critic.requires_grad_(True)).train()
     source = rm if rm is not None else actor
-    view = view_of(source, AutoModelForSequenceClassification, resolve_dtype(dtype), num_labels=1, pad_token_id=pad_id)
+    view = view_of(source, AutoModelForSequenceClassification, frozen or resolve_dtype(dtype), num_labels=1,
+                   pad_token_id=pad_id)
     if rm is not None and is_adapter(rm):
         from peft import PeftModel
 
         critic = PeftModel.from_pretrained(view, resolve_model(reward).adapter, is_trainable=True)
+        critic = trainable_in_float32(critic)  # its score head is copied in the view's dtype
         log("critic: a trainable copy of the reward model's adapter and head, over the same weights")
     else:
         critic = add_lora(view, lora.r, lora.alpha, lora.dropout, lora.target_modules, task_type="SEQ_CLS",

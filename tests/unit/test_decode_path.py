@@ -1,0 +1,139 @@
+"""The engine's decode path on its pre-allocated slot cache (generate/kv.py): same tokens as transformers'
+`generate`, rows joining, leaving and reusing places without seeing another row's cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.conftest import build_model
+from tests.unit.test_engine import hf_greedy
+
+from corral.generate.engine import TransformersEngine
+from corral.generate.sampling import SamplingParams
+
+LENGTHS = (3, 17, 8, 40, 1, 25, 12, 6, 30)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer):
+    return build_model(len(tiny_tokenizer)).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_tokenizer):
+    g = torch.Generator().manual_seed(2)
+    return [torch.randint(10, len(tiny_tokenizer), (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def run(engine):
+    while engine.has_work():
+        engine.step()
+
+
+def test_the_slot_cache_is_the_default_and_its_greedy_tokens_are_generates(model, tiny_tokenizer, prompts):
+    """Nine rows of different lengths (rows rounded up to 16), one reply crossing the first 256 columns (the
+    buffers double mid-reply, the rows' caches copied over): every reply is what `generate` gives alone."""
+    engine = TransformersEngine(model, tiny_tokenizer, stop_token_ids=())
+    assert engine._slots is not None
+    budgets = [24] * len(prompts)
+    budgets[3] = 230  # 40 prompt tokens + 230: past 256 columns
+    streams = [engine.submit(p, SamplingParams(max_new_tokens=b)) for p, b in zip(prompts, budgets)]
+    run(engine)
+    assert engine._slots.capacity() == (16, 512)  # 9 rows -> 16, 271 columns -> 512
+    for prompt, budget, stream in zip(prompts, budgets, streams):
+        (choice,) = stream.collect()
+        assert choice.token_ids == hf_greedy(model, prompt, budget)
+
+
+def test_slot_and_dynamic_caches_give_the_same_replies_and_logprobs(model, tiny_tokenizer, prompts):
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=5, logprobs=2, repetition_penalty=1.2)
+    slots = TransformersEngine(model, tiny_tokenizer, stop_token_ids=()).generate(prompts, params)
+    dynamic_engine = TransformersEngine(model, tiny_tokenizer, stop_token_ids=(), kv_cache="dynamic")
+    assert dynamic_engine._slots is None
+    dynamic = dynamic_engine.generate(prompts, params)
+    for (a,), (b,) in zip(slots, dynamic):
+        assert a.token_ids == b.token_ids
+        assert [e.token_id for e in a.logprobs] == [e.token_id for e in b.logprobs]
+        assert [e.logprob for e in a.logprobs] == pytest.approx([e.logprob for e in b.logprobs], abs=1e-4)
+
+
+def test_a_finished_rows_place_is_reused_and_its_new_tenant_sees_nothing_of_the_old(model, tiny_tokenizer, prompts):
+    """Row 0 finishes first; the last row moves into its place and a new request fills the last: rows change
+    places mid-reply, and every reply is still what it is alone."""
+    engine = TransformersEngine(model, tiny_tokenizer, stop_token_ids=(), max_batch=4)
+    first = [engine.submit(p, SamplingParams(max_new_tokens=b)) for p, b in zip(prompts[:4], (3, 20, 20, 20))]
+    for _ in range(4):
+        engine.step()
+    assert len(engine._seqs) == 3 and engine._seqs[0].stream is first[3]  # the last row took the finished one's place
+    late = engine.submit(prompts[4], SamplingParams(max_new_tokens=15))  # a prompt of 1 token into a used place
+    engine.step()
+    assert engine._slots.rows == 4 and engine._slots.capacity()[0] == 4  # no new buffer rows: the place was reused
+    run(engine)
+    for prompt, budget, stream in zip(prompts, (3, 20, 20, 20, 15), [*first, late]):
+        (choice,) = stream.collect()
+        assert choice.token_ids == hf_greedy(model, prompt, budget)
+    assert engine._cache is None and engine._slots.rows == 0
+
+
+def test_seeded_sampling_does_not_depend_on_rows_joining_and_leaving(model, tiny_tokenizer, prompts):
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=11)
+    (alone,), = TransformersEngine(model, tiny_tokenizer, stop_token_ids=()).generate([prompts[1]], params)
+    engine = TransformersEngine(model, tiny_tokenizer, stop_token_ids=())
+    stream = engine.submit(prompts[1], params)
+    others = [engine.submit(p, SamplingParams(max_new_tokens=3, temperature=1.0)) for p in prompts[2:5]]
+    for _ in range(5):
+        engine.step()
+    others += [engine.submit(p, SamplingParams(max_new_tokens=6, temperature=0.7, seed=3)) for p in prompts[5:]]
+    run(engine)
+    assert stream.collect()[0].token_ids == alone.token_ids
+
+
+def test_eager_attention_gets_an_additive_mask(tiny_tokenizer, prompts):
+    eager = build_model(len(tiny_tokenizer))
+    eager.config._attn_implementation = "eager"
+    eager.eval()
+    engine = TransformersEngine(eager, tiny_tokenizer, stop_token_ids=())
+    assert engine._slots is not None and engine._additive_mask
+    results = engine.generate(prompts[:4], SamplingParams(max_new_tokens=10))
+    for prompt, (choice,) in zip(prompts, results):
+        assert choice.token_ids == hf_greedy(eager, prompt, 10)
+
+
+def test_an_unknown_kv_cache_is_refused(model, tiny_tokenizer):
+    with pytest.raises(ValueError, match="kv_cache"):
+        TransformersEngine(model, tiny_tokenizer, kv_cache="paged")
+
+
+def test_a_compiled_decode_step_gives_generates_tokens_across_batch_buckets(model, tiny_tokenizer, prompts):
+    """torch.compile traced with aot_eager (the graph capture and functionalisation of the in-place cache writes,
+    without building C++): 3 rows (padded to 4), 6 after a join (to 8), then fewer as rows finish."""
+    engine = TransformersEngine(model, tiny_tokenizer, stop_token_ids=(), compile="aot_eager")
+    compiled, rows = engine._compiled, []
+    engine._compiled = lambda ids, *rest: rows.append(len(ids)) or compiled(ids, *rest)
+    budgets = (12, 30, 9, 20, 16, 25)
+    streams = [engine.submit(p, SamplingParams(max_new_tokens=b)) for p, b in zip(prompts[:3], budgets)]
+    for _ in range(3):
+        engine.step()
+    streams += [engine.submit(p, SamplingParams(max_new_tokens=b)) for p, b in zip(prompts[3:6], budgets[3:])]
+    run(engine)
+    assert {4, 8, 2, 1} <= set(rows) <= {1, 2, 4, 8}  # every decode step after the first ran compiled, padded
+    for prompt, budget, stream in zip(prompts, budgets, streams):
+        assert stream.collect()[0].token_ids == hf_greedy(model, prompt, budget)
+
+
+def test_compile_needs_the_slot_cache(model, tiny_tokenizer):
+    with pytest.raises(ValueError, match="compile"):
+        TransformersEngine(model, tiny_tokenizer, kv_cache="dynamic", compile=True)
+
+
+def test_serve_dtype_auto_is_bf16_only_on_a_cpu_that_computes_it_natively(monkeypatch):
+    from corral.config import ServeConfig
+    from corral.recipes.serve import serving_dtype
+
+    monkeypatch.setattr("corral.models.load.default_device", lambda: torch.device("cpu"))  # also on a GPU machine
+    monkeypatch.setenv("CORRAL_CPU_BF16", "1")
+    assert serving_dtype(ServeConfig()) == "bfloat16"
+    assert serving_dtype(ServeConfig(dtype="float32")) == "float32"  # asked for: kept
+    assert serving_dtype(ServeConfig(engine="vllm")) == "auto"  # vLLM picks its own
+    monkeypatch.setenv("CORRAL_CPU_BF16", "0")
+    assert serving_dtype(ServeConfig()) == "auto"  # load_model's: float32 on CPU
