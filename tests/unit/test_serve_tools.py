@@ -8,10 +8,7 @@ engine (it "generates" a fixed text, token by token) through the same app, on a 
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
-import time
 
 import httpx
 import jsonschema
@@ -19,7 +16,7 @@ import openai
 import pytest
 
 from corral.generate.types import EngineStats, Stream, TokenEvent
-from tests.conftest import ServerProcess, free_port
+from tests.conftest import ServerProcess, app_in_thread
 
 WEATHER = {"type": "object", "properties": {
     "city": {"type": "string", "maxLength": 12}, "days": {"type": "integer", "minimum": 1, "maximum": 7},
@@ -188,24 +185,14 @@ class ScriptedEngine:
 
 @pytest.fixture(scope="module")
 def scripted(tiny_tokenizer):
-    import uvicorn
-
     from corral.chat.templates import get_template
     from corral.serve.api import build_app
     from corral.serve.models import ServedModel
 
     engine = ScriptedEngine(tiny_tokenizer)
     app = build_app({"scripted": ServedModel("scripted", engine, get_template("chatml", tiny_tokenizer), None, 0)})
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-    yield engine, client
-    server.should_exit = True
-    thread.join(timeout=10)
+    with app_in_thread(app) as url:
+        yield engine, openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
 
 
 def scripted_ask(scripted, reply: str, stream: bool, **kwargs):

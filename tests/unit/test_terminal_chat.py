@@ -9,7 +9,7 @@ import httpx
 import pexpect
 import pytest
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, app_in_thread
 
 PROMPT = ">>> "
 
@@ -84,16 +84,9 @@ MARKDOWN_REPLY = "Use **this**:\n\n```python\nprint('hi')\n```\n\n| a | b |\n|--
 @pytest.fixture(scope="module")
 def markdown_server(tiny_tokenizer):
     """A real server whose scripted engine answers MARKDOWN_REPLY to every request."""
-    import asyncio
-    import threading
-    import time
-
-    import uvicorn
-
     from corral.chat.templates import get_template
     from corral.serve.api import build_app
     from corral.serve.models import ServedModel
-    from tests.conftest import free_port
     from tests.unit.test_serve_tools import ScriptedEngine
 
     class Always(ScriptedEngine):
@@ -102,15 +95,8 @@ def markdown_server(tiny_tokenizer):
             return super().submit(prompt_ids, params, adapter, loop)
 
     app = build_app({"md": ServedModel("md", Always(tiny_tokenizer), get_template("chatml", tiny_tokenizer), None, 0)})
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with app_in_thread(app) as url:
+        yield f"{url}/v1"
 
 
 def test_a_markdown_reply_is_redrawn_rendered_on_a_terminal(markdown_server, tmp_path):
