@@ -26,8 +26,8 @@ fill and apply one row's mask on the model's vocabulary, alone and for 16 rows.
 Yardsticks without a server (`--static`, `--gguf LABEL=FILE`), each in a fresh process on the same
 prompts as token ids under the chat template, greedy with the same penalty: transformers `generate`
 on static batches of 1 and of the largest client count (left-padded, all rows of a batch started
-together), and llama.cpp on a GGUF file through llama-cpp-python's C API (`pip install
-'corral[llamacpp]'`), one `llama_decode` per step for every unfinished sequence of the batch, as
+together; in float32, or each dtype of `--static-dtype`), and llama.cpp on a GGUF file through
+llama-cpp-python's C API (`pip install 'corral[llamacpp]'`), one `llama_decode` per step for every unfinished sequence of the batch, as
 llama.cpp's own server batches its slots (llama-cpp-python's server answers one request at a time,
 so 16 clients through it measure its batch of 1). `--llamacpp-build LABEL=DIR` repeats those rows
 with another build of llama-cpp-python (a `pip install --target DIR` folder). `--variant
@@ -82,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also measure this checkout's server with these `corral serve` arguments instead "
                         "(e.g. bf16=dtype=bfloat16), right after the main one")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the static rows (default torch's)")
+    p.add_argument("--static-dtype", default="float32",
+                   help="dtypes of the `generate` static rows, comma-separated (default float32; e.g. float32,bfloat16)")
     p.add_argument("--static-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
@@ -166,14 +168,15 @@ def render_prompts(model_name: str, texts: list[str]) -> tuple[list[list[int]], 
     return [fmt.render(Conversation([Message("user", t)])) for t in texts], list(fmt.stop_token_ids)
 
 
-def generate_static(model_name: str, ids: list[list[int]], batch: int, max_tokens: int) -> dict:
+def generate_static(model_name: str, ids: list[list[int]], batch: int, max_tokens: int,
+                    dtype: str = "float32") -> dict:
     """transformers `generate` on batches of `batch` prompts, left-padded, greedy, repetition penalty 1.1."""
     import torch
 
     from corral.models.load import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_name)
-    model = load_model(model_name)
+    model = load_model(model_name, dtype=dtype)
     _, stops = render_prompts(model_name, [])
     pad = tokenizer.pad_token_id
 
@@ -265,21 +268,23 @@ def static_worker(args) -> None:
     count = max(args.min_requests, 2 * args.batch)
     ids, stops = render_prompts(args.model, prompts()[:count])
     if args.static_worker == "generate":
-        result = generate_static(args.model, ids, args.batch, args.max_tokens)
+        result = generate_static(args.model, ids, args.batch, args.max_tokens, args.static_dtype)
     else:
         result = llamacpp_static(args.static_worker, ids, stops, args.batch, args.max_tokens,
                                  args.threads or torch.get_num_threads())
     print(json.dumps({**result, "requests": len(ids)}))
 
 
-def measure_static(name: str, worker: str, batch: int, args, pythonpath: str | None = None) -> dict:
+def measure_static(name: str, worker: str, batch: int, args, pythonpath: str | None = None,
+                   dtype: str = "float32") -> dict:
     import os
 
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, __file__, "--static-worker", worker, "--batch", str(batch), "--model", args.model,
-           "--max-tokens", str(args.max_tokens), "--min-requests", str(args.min_requests)]
+           "--max-tokens", str(args.max_tokens), "--min-requests", str(args.min_requests),
+           "--static-dtype", dtype]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -413,7 +418,10 @@ def measure(name: str, cmd: list[str], port: int, model: str, args, pool: list[s
     url = f"http://127.0.0.1:{port}"
     gpu: list[float] = []
     try:
-        asyncio.run(run_level(url, model, 1, pool[:1], args.max_tokens, extra))  # warm-up, not recorded
+        # Warm-up, not recorded: one request, then two at once (a `compile=true` server builds its graphs for
+        # 1- and 2-row steps here, the only ones it compiles, rather than inside a timed level).
+        asyncio.run(run_level(url, model, 1, pool[:1], args.max_tokens, extra))
+        asyncio.run(run_level(url, model, 2, pool[:2], args.max_tokens, extra))
         levels = []
         for clients in [int(c) for c in args.clients.split(",")]:
             count = max(args.min_requests, 2 * clients)
@@ -516,12 +524,14 @@ def main(argv=None) -> int:
     ours = [*serve[:-1], *args.serve_arg, "--port"]  # this checkout's server, with its extra arguments
     corral = measure("corral serve", ours + [str(corral_port)], corral_port, "m", args, pool)
     extra_rows, extra_ratios, mask_cost = [], {}, None
+    servers = {"corral": corral}  # this checkout's servers, each compared with the static rows below
     for variant in args.variant:
         label, variant_args = variant.split("=", 1)
         port = free_port()
         other = measure(f"corral serve {label}", [*serve[:-1], *variant_args.split(","), "--port", str(port)], port,
                         "m", args, pool)
         extra_rows += level_rows(other)
+        servers[f"corral {label}"] = other
         for now, then in zip(other["levels"], corral["levels"]):
             extra_ratios[f"corral {label}/corral tokens_per_s @{now['clients']}"] = round(
                 now["tokens_per_s"] / then["tokens_per_s"], 2)
@@ -550,20 +560,23 @@ def main(argv=None) -> int:
     static_rows = []
     top = max(int(c) for c in args.clients.split(","))
     if args.static:
-        static_rows += [measure_static("transformers generate static", "generate", b, args) for b in (1, top)]
+        for dtype in args.static_dtype.split(","):
+            name = "transformers generate static" + ("" if dtype == "float32" else f" {dtype}")
+            static_rows += [measure_static(name, "generate", b, args, dtype=dtype) for b in (1, top)]
     builds = [b.split("=", 1) for b in args.llamacpp_build] or [("", None)]
     for label_path in args.gguf:
         label, path = label_path.split("=", 1)
         for build, folder in builds:
             name = f"llama.cpp {label}" + (f" {build}" if build else "") + " static"
             static_rows += [measure_static(name, path, b, args, folder) for b in (1, top)]
-    by_clients = {level["clients"]: level["tokens_per_s"] for level in corral["levels"]}
-    for row in static_rows:
-        batch = int(row["name"].rsplit("@", 1)[1])
-        if batch in by_clients:
-            what = row["name"].rsplit(" static", 1)[0]
-            extra_ratios[f"corral @{batch} clients / {what} static batch of {batch}"] = round(
-                by_clients[batch] / row["tokens_per_s"], 2)
+    for server, measured in servers.items():
+        by_clients = {level["clients"]: level["tokens_per_s"] for level in measured["levels"]}
+        for row in static_rows:
+            batch = int(row["name"].rsplit("@", 1)[1])
+            if batch in by_clients:
+                what = row["name"].rsplit(" @", 1)[0]  # e.g. "transformers generate static bfloat16"
+                extra_ratios[f"{server} @{batch} clients / {what} batch of {batch}"] = round(
+                    by_clients[batch] / row["tokens_per_s"], 2)
     extra_rows += static_rows
 
     rows, ratios, mismatched = [], {}, 0

@@ -108,6 +108,10 @@ class TransformersEngine:
         self._head = LastLogits(model, self.device)  # on CPU, runs the output head itself (see generate/head.py)
         self._slots = self._slot_cache(kv_cache)  # None: the DynamicCache path (re-stacked as rows come and go)
         self._compiled = self._compile_decode("inductor" if compile is True else compile) if compile else None
+        # Steps of at most this many rows run compiled, larger ones eagerly: measured on SmolLM2-135M in bf16
+        # (2 Zen 4 cores), compiled with freezing is 1.27x eager at 1 row and 1.23x at 2, even at 4, and
+        # slower from 8 rows (0.85x at 8, 0.46x at 16), where eager matmuls batch well already.
+        self.compile_max_rows = 2
         self.vocab_size = _embedding_rows(model)  # token ids a prompt may hold (None: unknown, unchecked)
         self._grammars: Grammars | None = None  # built at the first constrained request
         self.last_batch = 0  # rows in the latest decode step (the server's metrics read it)
@@ -148,7 +152,10 @@ class TransformersEngine:
                              use_cache=True, **self._head.forward_kwargs())
             return out.hidden_states[-1][:, -1, :]
 
-        return torch.compile(hidden, backend=backend, dynamic=False)
+        # Inductor with freezing: the weights become constants of the graph, laid out once for oneDNN's
+        # kernels (a second copy of the linear weights in memory); the served weights never change.
+        options = {"freezing": True} if backend == "inductor" else None
+        return torch.compile(hidden, backend=backend, dynamic=False, options=options)
 
     # ------------------------------------------------------------------ requests
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None,
@@ -323,7 +330,7 @@ class TransformersEngine:
             # Compiled once the head is checked (the first step runs eagerly) and for base-model rows only (peft's
             # per-row adapter_names would be one more thing to specialise on).
             compiled = (self._compiled is not None and isinstance(self._head.weight, torch.Tensor)
-                        and all(s.adapter is None for s in seqs))
+                        and len(seqs) <= self.compile_max_rows and all(s.adapter is None for s in seqs))
             rows = 1 << (len(seqs) - 1).bit_length() if compiled else None
             positions, mask = self._slots.begin_step(rows, full_width=compiled)
             if self._additive_mask:

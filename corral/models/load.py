@@ -64,19 +64,30 @@ def cpu_flags() -> set[str]:
 
 @functools.cache
 def cpu_bf16_speedup() -> float:
-    """How many times faster this process multiplies a bf16 matrix than an fp32 one on the CPU, at a shape of a
-    small model's MLP (128 tokens x 576 x 1536), best of three each, interleaved: about 20 ms with oneDNN's first
-    call, once per process."""
-    a, b = torch.randn(128, 576), torch.randn(576, 1536)
-    pairs = ((a, b), (a.bfloat16(), b.bfloat16()))
-    best = [float("inf"), float("inf")]
-    for x, y in pairs:  # warm-up: oneDNN builds its kernels on the first call
-        x @ y
-    for _ in range(3):
-        for i, (x, y) in enumerate(pairs):
-            t = time.perf_counter()
+    """How many times faster one core multiplies a bf16 matrix than an fp32 one, at a shape of a small model's MLP
+    (128 tokens x 576 x 1536), best of three each, interleaved: about 30 ms with oneDNN's first call, once per
+    process.
+
+    On one thread: a multi-threaded matmul here would give the calling thread an OpenMP team of its own, and
+    `corral serve` calls this from its main thread before its engine threads start. With two teams alive,
+    libgomp's workers stop spinning between parallel regions (more of its threads than cores) and sleep
+    instead, which slowed every batch-1 decode step of the engine thread by about 40% (SmolLM2-135M bf16, 2
+    Zen 4 cores: 12 against 20 tokens/s, measured with and without a main-thread matmul first)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(128, 576), torch.randn(576, 1536)
+        pairs = ((a, b), (a.bfloat16(), b.bfloat16()))
+        best = [float("inf"), float("inf")]
+        for x, y in pairs:  # warm-up: oneDNN builds its kernels on the first call
             x @ y
-            best[i] = min(best[i], time.perf_counter() - t)
+        for _ in range(3):
+            for i, (x, y) in enumerate(pairs):
+                t = time.perf_counter()
+                x @ y
+                best[i] = min(best[i], time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
     return best[0] / max(best[1], 1e-9)
 
 

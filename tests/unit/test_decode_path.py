@@ -108,6 +108,8 @@ def test_a_compiled_decode_step_gives_generates_tokens_across_batch_buckets(mode
     """torch.compile traced with aot_eager (the graph capture and functionalisation of the in-place cache writes,
     without building C++): 3 rows (padded to 4), 6 after a join (to 8), then fewer as rows finish."""
     engine = TransformersEngine(model, tiny_tokenizer, stop_token_ids=(), compile="aot_eager")
+    assert engine.compile_max_rows == 2  # the default: larger steps run eagerly (measured faster there)
+    engine.compile_max_rows = 8
     compiled, rows = engine._compiled, []
     engine._compiled = lambda ids, *rest: rows.append(len(ids)) or compiled(ids, *rest)
     budgets = (12, 30, 9, 20, 16, 25)
@@ -119,6 +121,17 @@ def test_a_compiled_decode_step_gives_generates_tokens_across_batch_buckets(mode
     assert {4, 8, 2, 1} <= set(rows) <= {1, 2, 4, 8}  # every decode step after the first ran compiled, padded
     for prompt, budget, stream in zip(prompts, budgets, streams):
         assert stream.collect()[0].token_ids == hf_greedy(model, prompt, budget)
+
+
+def test_steps_above_compile_max_rows_run_eagerly_with_the_same_tokens(model, tiny_tokenizer, prompts):
+    engine = TransformersEngine(model, tiny_tokenizer, stop_token_ids=(), compile="aot_eager")
+    compiled, rows = engine._compiled, []
+    engine._compiled = lambda ids, *rest: rows.append(len(ids)) or compiled(ids, *rest)
+    budgets = (6, 14, 10)  # 3 rows run eagerly; then 2 rows (bucket 2) and 1 row run compiled
+    results = engine.generate(prompts[:3], [SamplingParams(max_new_tokens=b) for b in budgets])
+    assert set(rows) == {1, 2} and rows.count(2) == 4 and rows.count(1) == 4
+    for prompt, budget, (choice,) in zip(prompts, budgets, results):
+        assert choice.token_ids == hf_greedy(model, prompt, budget)
 
 
 def test_compile_needs_the_slot_cache(model, tiny_tokenizer):

@@ -64,6 +64,20 @@ def test_the_real_probe_is_a_cached_positive_ratio():
     assert first > 0 and load.cpu_bf16_speedup() == first
 
 
+def test_the_probe_multiplies_on_one_thread_and_restores_the_thread_count(monkeypatch):
+    """A multi-threaded probe in the server's main thread would leave a second OpenMP team beside the engine
+    thread's, which halved batch-1 decoding (see cpu_bf16_speedup)."""
+    seen, randn = [], torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: seen.append(torch.get_num_threads()) or randn(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert load.cpu_bf16_speedup.__wrapped__() > 0
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_auto_mixed_precision_on_a_cpu_only_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("CORRAL_CPU_BF16", "1")
