@@ -228,9 +228,21 @@ class UnitLengths:
         texts = self.texts(conv) if texts is None else texts
         new = [text for text in dict.fromkeys(text for text, _ in texts) if text not in self.counts]
         if new:
-            for text, ids in zip(new, self.fmt.tokenizer(new, add_special_tokens=False)["input_ids"]):
-                self.counts[text] = len(ids)
+            self.counts.update(zip(new, token_counts(self.fmt.tokenizer, new)))
         return [(self.counts[text], trained) for text, trained in texts]
+
+
+def token_counts(tokenizer, texts: list[str]) -> list[int]:
+    """How many tokens each text tokenizes to, with no special tokens added. A fast tokenizer's Rust backend is
+    called directly (`encode_batch_fast`: no offsets), which gives the ids the tokenizer's own call gives (it
+    calls the same backend, unless it is told to split special tokens) without building a BatchEncoding: 1.56 s
+    against 2.33 s for 6.7 MB of cleaned chat text with SmolLM2's tokenizer (2 Zen 4 cores). Anything else goes
+    through the tokenizer's own call."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None or getattr(tokenizer, "split_special_tokens", False):
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [len(encoding.ids) for encoding in encode(texts, add_special_tokens=False)]
 
 
 def tokens_at_most_bytes(tokenizer) -> bool:

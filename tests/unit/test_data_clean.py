@@ -401,8 +401,11 @@ def test_a_rendering_of_fewer_bytes_than_max_len_is_not_tokenized(tiny_tokenizer
 
 
 class CountingTokenizer:
+    """A tokenizer that records every batch it tokenizes, through its call or its Rust backend."""
+
     def __init__(self, tokenizer, calls):
         self.tokenizer, self.calls = tokenizer, calls
+        self.backend_tokenizer = CountingBackend(tokenizer.backend_tokenizer, calls)
 
     def __getattr__(self, name):
         return getattr(self.tokenizer, name)
@@ -410,6 +413,36 @@ class CountingTokenizer:
     def __call__(self, texts, **kwargs):
         self.calls.append(texts)
         return self.tokenizer(texts, **kwargs)
+
+
+class CountingBackend:
+    def __init__(self, backend, calls):
+        self.backend, self.calls = backend, calls
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def encode_batch_fast(self, texts, **kwargs):
+        self.calls.append(texts)
+        return self.backend.encode_batch_fast(texts, **kwargs)
+
+
+def test_token_counts_equal_the_tokenizers_own_call(tiny_tokenizer):
+    """The backend shortcut counts what the tokenizer's call counts, special tokens and non-ASCII text included;
+    a tokenizer told to split special tokens (which the backend call would not) goes through its call."""
+    from corral.data.clean import token_counts
+
+    texts = ["<|im_start|>user\nHi there<|im_end|>\n", "naïve café – 東京 🙂", "", "  spaced   out\n\n", "x" * 300]
+    special = tiny_tokenizer.all_special_tokens[0]
+    texts.append(f"{special}mid{special}")
+    expected = [len(ids) for ids in tiny_tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    assert token_counts(tiny_tokenizer, texts) == expected
+    assert len(tiny_tokenizer(special, add_special_tokens=False)["input_ids"]) == 1  # the case that needs care
+    splitting = copy_tokenizer(tiny_tokenizer)
+    splitting.add_special_tokens({"additional_special_tokens": [special]})
+    splitting.split_special_tokens = True
+    split = len(splitting(special, add_special_tokens=False)["input_ids"])
+    assert split > 1 and token_counts(splitting, [special]) == [split]
 
 
 def copy_tokenizer(tokenizer):
