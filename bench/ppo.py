@@ -111,6 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch threads in every row (default 0: torch's own, one per core)")  # fmt: skip
     p.add_argument("--rows", default="", help=f"comma-separated subset of {', '.join(ROWS)} (default: all this "
                    "machine runs; corral-vllm needs CUDA and vllm)")
+    p.add_argument("--bf16", action="store_true",
+                   help="on CPU, bf16 rows: Corral at dtype=auto and mixed_precision=auto (bf16 autocast over a bf16 "
+                        "frozen base where the CPU computes bf16 natively), TRL at bf16=True; results to ppo-bf16.json")
     p.add_argument("--out", default="", help="results path (default bench/results/ppo.json, or ppo-<gpu>.json on CUDA)")
     p.add_argument("--child", choices=sorted(ROWS), help=argparse.SUPPRESS)  # internal: run one row, in this process
     p.add_argument("--child-result", default="", help=argparse.SUPPRESS)
@@ -197,14 +200,15 @@ def run_corral_row(args: argparse.Namespace, advantage: str, workdir: Path) -> d
     advantage = "grpo" if advantage == "vllm" else advantage
     cfg = PPOConfig(
         model=MODEL, template=TEMPLATE, method="lora", reward="bench.ppo:reward_fn", output_dir=str(workdir / "run"),
-        dtype="bfloat16" if cuda else "float32", advantage=advantage, steps=args.steps,
+        dtype="bfloat16" if cuda else ("auto" if args.bf16 else "float32"), advantage=advantage, steps=args.steps,
         rollout={"prompts_per_step": args.prompts, "samples_per_prompt": args.samples, "temperature": 1.0,
                  "max_new_tokens": args.max_new_tokens, "top_p": 1.0, "sample_every": 10**9, "backend": backend},
         kl={"coef": KL_COEF},
         # one optimizer step per rollout, as TRL's with generation batch = train batch
         update={"clip": CLIP, "epochs": 1, "minibatch": batch},
         # fp32 compute on CPU, as TRL's bf16=False rows (auto would pick bf16 autocast on a CPU with native bf16)
-        actor={"lr": LR}, train={"seed": SEED, "resume": "never", "mixed_precision": "auto" if cuda else "no"},
+        actor={"lr": LR}, train={"seed": SEED, "resume": "never",
+                                 "mixed_precision": "auto" if cuda or args.bf16 else "no"},
         data={"path": str(write_prompts(workdir / "prompts.jsonl", args.prompts))}, lora=LORA,
     )  # fmt: skip
     # A step ends when the recipe logs its metrics line: stamp the clock there (the recipe's gen_s and train_s
@@ -289,7 +293,7 @@ def run_trl_row(args: argparse.Namespace, kind: str, workdir: Path) -> dict:
         temperature=1.0, top_p=1.0, top_k=0, beta=KL_COEF, epsilon=CLIP, use_vllm=False,
         learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=WEIGHT_DECAY, max_grad_norm=1.0,
         optim="adamw_torch", activation_checkpointing=False,  # the new name of gradient_checkpointing (TRL: on)
-        bf16=cuda,  # TRL defaults to bf16, which this CPU barely runs; fp32 as Corral on CPU
+        bf16=cuda or args.bf16,  # TRL's default; off in the fp32 CPU rows, as Corral's
         use_cpu=not cuda, eval_strategy="no", save_strategy="no", report_to="none", logging_steps=1, seed=SEED,
         dataloader_num_workers=0,
     )  # fmt: skip
@@ -374,7 +378,10 @@ def make_ratios(rows: dict[str, dict]) -> dict:
 
 
 def setup_notes(args: argparse.Namespace, cuda: bool) -> str:
-    precision = "bf16 weights (Corral dtype=bfloat16; TRL bf16=True)" if cuda else "fp32 on CPU (TRL bf16=False)"
+    precision = ("bf16 weights (Corral dtype=bfloat16; TRL bf16=True)" if cuda else
+                 "bf16 on CPU (Corral dtype=auto, mixed_precision=auto: bf16 autocast over a bf16 frozen base on a CPU "
+                 "with native bf16; TRL bf16=True: autocast over fp32 weights)" if args.bf16 else
+                 "fp32 on CPU (TRL bf16=False)")
     batch = args.prompts * args.samples
     threads = str(args.threads) if args.threads else "torch's default number of"
     return (
@@ -449,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = on_cuda()
     set_threads(args.threads)  # machine_info records the threads the rows run with
     machine = machine_info()
-    out = results_path("ppo", machine["gpu"] if cuda else None, args.out)
+    out = results_path("ppo-bf16" if args.bf16 and not cuda else "ppo", machine["gpu"] if cuda else None, args.out)
     rows = []
     load_before = {}  # other work on the machine slows every row, and its threads fight the rows' own
     with tempfile.TemporaryDirectory(prefix="bench-ppo-") as workdir:
@@ -475,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         "setup": {
             "model": MODEL,
             "lora": LORA,
-            "dtype": "bf16" if cuda else "fp32",
+            "dtype": "bf16" if cuda else ("bf16 autocast (--bf16)" if args.bf16 else "fp32"),
             "prompts_per_step": args.prompts,
             "samples_per_prompt": args.samples,
             "max_new_tokens": args.max_new_tokens,

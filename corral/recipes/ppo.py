@@ -87,8 +87,11 @@ def run(cfg: PPOConfig) -> RecipeResult:
         seeds = [cfg.train.seed * 1_000_003 + step * 10_007 + first + j for j in range(len(mine))]
         adapter = sync(step) if sync is not None else None
         t0 = time.perf_counter()
-        samples = sample_replies(engine, template, [prompts[i] for i in mine], params, k=cfg.rollout.samples_per_prompt,
-                                 seeds=seeds, adapter=adapter)  # fmt: skip
+        # Under the run's autocast, as training: a LoRA actor over a bf16 frozen base (`frozen_dtype` on a CPU that
+        # computes bf16) mixes bf16 weights with fp32 adapter outputs, which only autocast multiplies together.
+        with accelerator.autocast():
+            samples = sample_replies(engine, template, [prompts[i] for i in mine], params,
+                                     k=cfg.rollout.samples_per_prompt, seeds=seeds, adapter=adapter)
         t1 = time.perf_counter()
         scores = gather_scores(score_samples(roles.scorer, samples, cfg.update.no_eos_penalty), world)
         samples = gather_samples(samples, accelerator)

@@ -4,6 +4,7 @@ the actor and its EMA saved as loadable folders."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -155,6 +156,24 @@ def test_ppo_with_a_lora_reward_model_and_critic(tmp_path, tiny_model_dir, tiny_
     summary = json.loads((out / "summary.json").read_text())
     assert summary["last"]["step"] == 2 and "value_loss" in summary["last"]
     assert (out / "loss.png").stat().st_size > 10_000
+
+
+def test_ppo_under_bf16_autocast_samples_with_a_bf16_frozen_base(tmp_path, tiny_model_dir, monkeypatch):
+    """`auto` on a CPU that computes bf16 (forced here): the LoRA actor's frozen base is stored in bf16 and its
+    adapter in fp32, a mix that only autocast can multiply; the rollouts run under it as training does (they
+    failed with a dtype mismatch in the engine before)."""
+    monkeypatch.setenv("CORRAL_CPU_BF16", "1")
+    out = tmp_path / "bf16"
+    cfg = PPOConfig(model=str(tiny_model_dir), reward="tests.unit.test_ppo_recipe:vowel_share", output_dir=str(out),
+                    steps=1, rollout={"prompts_per_step": 2, "max_new_tokens": 4}, update={"minibatch": 2},
+                    data={"path": "builtin:corral_identity"}, lora={"r": 2, "target_modules": ["q_proj", "v_proj"]})
+    run(cfg)
+    first = read_jsonl(out / "metrics.jsonl")[0]
+    precision = first["precision"]
+    assert (precision["mixed_precision"], precision["frozen_weights"], precision["trained_weights"]) == (
+        "bf16", "bfloat16", "float32"), precision
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "step" in r]
+    assert rows[-1]["step"] == 1 and all(math.isfinite(rows[-1][k]) for k in ("policy_loss", "kl", "reward_mean"))
 
 
 def test_prompt_only_files_are_rl_prompts(tmp_path):
