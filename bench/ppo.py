@@ -206,7 +206,7 @@ def run_corral_row(args: argparse.Namespace, advantage: str, workdir: Path) -> d
         kl={"coef": KL_COEF},
         # one optimizer step per rollout, as TRL's with generation batch = train batch
         update={"clip": CLIP, "epochs": 1, "minibatch": batch},
-        # fp32 compute on CPU, as TRL's bf16=False rows (auto would pick bf16 autocast on a CPU with native bf16)
+        # fp32 compute on CPU, as TRL's bf16=False rows; --bf16: auto (bf16 autocast on a CPU with native bf16)
         actor={"lr": LR}, train={"seed": SEED, "resume": "never",
                                  "mixed_precision": "auto" if cuda or args.bf16 else "no"},
         data={"path": str(write_prompts(workdir / "prompts.jsonl", args.prompts))}, lora=LORA,

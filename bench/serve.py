@@ -27,8 +27,8 @@ Yardsticks without a server (`--static`, `--gguf LABEL=FILE`), each in a fresh p
 prompts as token ids under the chat template, greedy with the same penalty: transformers `generate`
 on static batches of 1 and of the largest client count (left-padded, all rows of a batch started
 together; in float32, or each dtype of `--static-dtype`), and llama.cpp on a GGUF file through
-llama-cpp-python's C API (`pip install 'corral[llamacpp]'`), one `llama_decode` per step for every unfinished sequence of the batch, as
-llama.cpp's own server batches its slots (llama-cpp-python's server answers one request at a time,
+llama-cpp-python's C API (`pip install 'corral[llamacpp]'`), one `llama_decode` per step for every
+unfinished sequence of the batch, as llama.cpp's own server batches its slots (llama-cpp-python's server answers one request at a time,
 so 16 clients through it measure its batch of 1). `--llamacpp-build LABEL=DIR` repeats those rows
 with another build of llama-cpp-python (a `pip install --target DIR` folder). `--variant
 LABEL=ARGS` also measures this checkout's server with other `corral serve` arguments (e.g.

@@ -109,7 +109,7 @@ class TransformersEngine:
         self._slots = self._slot_cache(kv_cache)  # None: the DynamicCache path (re-stacked as rows come and go)
         self._compiled = self._compile_decode("inductor" if compile is True else compile) if compile else None
         # Steps of at most this many rows run compiled, larger ones eagerly: measured on SmolLM2-135M in bf16
-        # (2 Zen 4 cores), compiled with freezing is 1.27x eager at 1 row and 1.23x at 2, even at 4, and
+        # (2 Zen 4 cores), compiled with freezing is 1.27x eager at 1 row and 1.23x at 2, equal at 4, and
         # slower from 8 rows (0.85x at 8, 0.46x at 16), where eager matmuls batch well already.
         self.compile_max_rows = 2
         self.vocab_size = _embedding_rows(model)  # token ids a prompt may hold (None: unknown, unchecked)

@@ -68,11 +68,11 @@ def cpu_bf16_speedup() -> float:
     (128 tokens x 576 x 1536), best of three each, interleaved: about 30 ms with oneDNN's first call, once per
     process.
 
-    On one thread: a multi-threaded matmul here would give the calling thread an OpenMP team of its own, and
-    `corral serve` calls this from its main thread before its engine threads start. With two teams alive,
-    libgomp's workers stop spinning between parallel regions (more of its threads than cores) and sleep
-    instead, which slowed every batch-1 decode step of the engine thread by about 40% (SmolLM2-135M bf16, 2
-    Zen 4 cores: 12 against 20 tokens/s, measured with and without a main-thread matmul first)."""
+    On one thread: `corral serve` calls this from its main thread before its engine thread starts, and one
+    multi-threaded matmul run first in another thread slowed every batch-1 decode step of the engine thread by
+    about 40% (SmolLM2-135M bf16, 2 Zen 4 cores: 12 against 20 tokens/s, measured with and without it; likely
+    a second OpenMP team whose threads outnumber the cores, so libgomp's workers sleep between parallel
+    regions rather than spin)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

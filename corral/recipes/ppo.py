@@ -88,7 +88,8 @@ def run(cfg: PPOConfig) -> RecipeResult:
         adapter = sync(step) if sync is not None else None
         t0 = time.perf_counter()
         # Under the run's autocast, as training: a LoRA actor over a bf16 frozen base (`frozen_dtype` on a CPU that
-        # computes bf16) mixes bf16 weights with fp32 adapter outputs, which only autocast multiplies together.
+        # computes bf16) with its fp32 adapter gave the engine fp32 hidden states against the bf16 output head
+        # ("expected m1 and m2 to have the same dtype" outside autocast; tested).
         with accelerator.autocast():
             samples = sample_replies(engine, template, [prompts[i] for i in mine], params,
                                      k=cfg.rollout.samples_per_prompt, seeds=seeds, adapter=adapter)
