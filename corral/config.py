@@ -452,8 +452,10 @@ class ServeConfig(Section):
     votes: str = Field("arena_votes.jsonl", description="Arena votes from the web chat are appended here (JSONL).")
     engine: Literal["transformers", "vllm"] = Field("transformers", description="`vllm` needs a CUDA GPU.")
     max_batch: int = Field(32, ge=1, description="Most sequences decoded together (continuous batching).")
-    compile: bool = Field(False, description="Compile the transformers engine's decode step with torch.compile "
-                          "(a graph per batch-size bucket and cache width met, tens of seconds each on CPU).")
+    compile: bool = Field(False, description="Compile the transformers engine's decode steps of 1-2 rows with "
+                          "torch.compile (inductor; needs a C++ compiler on CPU): about 2x the tokens/s of one "
+                          "client on CPU; two graphs built at start, 40-50 s on 2 cores (about 12 s from "
+                          "inductor's disk cache).")
     max_tokens: int = Field(512, ge=1, description="Reply length when a request gives no max_tokens (less where the "
                             "prompt leaves less of the context).")
     max_tokens_limit: int | None = Field(None, ge=1, description="The most tokens a request may ask for (a 400 above "

@@ -38,7 +38,7 @@ class SlotCache:
         self.end = torch.zeros(0, dtype=torch.long, device=device)
         self._index: torch.Tensor | None = None  # the rows (0..B-1) and columns written by the current step
         self._columns: torch.Tensor | None = None
-        self._width = self._view_rows = 0
+        self.step_mask: torch.Tensor | None = None  # the current decode step's mask (its shape: the attended view)
 
     # ------------------------------------------------------------------ layout
     def capacity(self) -> tuple[int, int]:
@@ -110,28 +110,29 @@ class SlotCache:
         self.end = self.end[:0]
 
     # ------------------------------------------------------------------ one decode step
-    def begin_step(self, rows: int | None = None, full_width: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Before a decode step of all rows: (position ids (rows, 1), 4-D mask (rows, 1, 1, width)).
+    def begin_step(self, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Before a decode step of all rows: (position ids (rows, 1), 4-D mask (rows, 1, 1, width)), where width
+        is the longest row's columns and the new one.
 
-        For a compiled step, whose shapes should repeat: `rows` pads the step to that many rows (each padding
-        row writes column 0 of a free row and sees only it), and `full_width` attends over every allocated
-        column (masked past each row's end) rather than up to the longest row's."""
+        For a compiled step, whose row count should repeat, `rows` pads the step to that many rows (each padding
+        row writes column 0 of a free row and sees only it). The attended view's rows and width are read from the
+        mask's shape (`update`), so a compiled step that marks them dynamic serves every width with one graph."""
         rows = rows or self.rows
-        needed = int(self.end.max()) + 1
-        self._reserve(rows, needed, self.keys)
-        width = self.capacity()[1] if full_width else needed
+        width = int(self.end.max()) + 1
+        # One row and one column more than the step uses: the attended view is never a whole buffer, so the guards
+        # of a graph compiled over dynamic sizes hold at every size (a view equal to its buffer is a new graph).
+        self._reserve(rows + 1, width + 1, self.keys)
         pad = torch.zeros(rows - self.rows, dtype=torch.long, device=self.device)
         start, end = torch.cat([self.start, pad]), torch.cat([self.end, pad])
-        self._width, self._view_rows = width, rows
         self._index = torch.arange(rows, device=self.device)
         self._columns = end
         column = torch.arange(width, device=self.device)[None, :]
-        mask = (column >= start[:, None]) & (column <= end[:, None])
-        return (end - start)[:, None], mask[:, None, None, :]
+        self.step_mask = ((column >= start[:, None]) & (column <= end[:, None]))[:, None, None, :]
+        return (end - start)[:, None], self.step_mask
 
     def end_step(self) -> None:
         self.end = self.end + 1
-        self._index = self._columns = None
+        self._index = self._columns = self.step_mask = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Columns in use by the longest row (transformers asks it only where position ids are not given)."""
@@ -142,4 +143,5 @@ class SlotCache:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         keys[self._index, :, self._columns] = key_states[:, :, 0]
         values[self._index, :, self._columns] = value_states[:, :, 0]
-        return keys[: self._view_rows, :, : self._width], values[: self._view_rows, :, : self._width]
+        rows, width = self.step_mask.shape[0], self.step_mask.shape[-1]
+        return keys[:rows, :, :width], values[:rows, :, :width]

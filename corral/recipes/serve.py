@@ -24,10 +24,26 @@ def serving_dtype(cfg: ServeConfig) -> str:
     return cfg.dtype
 
 
+def precision_line(cfg: ServeConfig, dtype: str) -> str:
+    """What the server computes in, and why, printed at start (as training prints its precision)."""
+    from corral.models.load import default_device, resolve_dtype
+
+    if cfg.engine != "transformers":
+        return f"engine {cfg.engine}, dtype {dtype}"
+    device = default_device()
+    line = f"engine transformers on {device.type}, weights in {str(resolve_dtype(dtype, device)).removeprefix('torch.')}"
+    if cfg.dtype == "auto" and device.type == "cpu":
+        line += " (dtype auto: this CPU computes bf16 natively)" if dtype == "bfloat16" else \
+            " (dtype auto: this CPU has no native bf16)"
+    return line + (", decode steps of 1-2 rows compiled" if cfg.compile else "")
+
+
 def run(cfg: ServeConfig) -> None:
     import uvicorn
 
-    served = load_served_models(cfg.models or [EMBEDDED_MODEL], template=cfg.template, dtype=serving_dtype(cfg),
+    dtype = serving_dtype(cfg)
+    print(precision_line(cfg, dtype), flush=True)
+    served = load_served_models(cfg.models or [EMBEDDED_MODEL], template=cfg.template, dtype=dtype,
                                 max_batch=cfg.max_batch, engine=cfg.engine, compile=cfg.compile)
     api_key = cfg.api_key or os.environ.get("CORRAL_API_KEY") or None
     limits = Limits(default_max_tokens=cfg.max_tokens, max_tokens=cfg.max_tokens_limit, max_queue=cfg.max_queue,

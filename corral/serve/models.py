@@ -74,7 +74,12 @@ def load_served_models(specs: list[str], template: str = "auto", dtype: str = "a
                 for adapter_name, adapter_dir in adapters[1:]:
                     model.load_adapter(adapter_dir, adapter_name=adapter_name)
                 model.eval()
-            eng = TransformersEngine(model, load_tokenizer(base_path), max_batch=max_batch, compile=compile).start()
+            eng = TransformersEngine(model, load_tokenizer(base_path), max_batch=max_batch, compile=compile)
+            if compile:
+                print(f"compiling the decode step of {base_path} (1- and 2-row graphs; cached on disk by inductor)",
+                      flush=True)
+                print(f"compiled in {eng.warm_up():.0f} s", flush=True)
+            eng.start()
         for i, (name, path, adapter_dir) in enumerate(members):
             adapter = f"adapter{i}" if adapter_dir else (BASE_ADAPTER if adapters else None)
             trained = get_template(template, load_tokenizer(path))  # an adapter folder carries its trained template

@@ -65,9 +65,10 @@ def test_a_finished_rows_place_is_reused_and_its_new_tenant_sees_nothing_of_the_
     for _ in range(4):
         engine.step()
     assert len(engine._seqs) == 3 and engine._seqs[0].stream is first[3]  # the last row took the finished one's place
+    assert engine._slots.capacity()[0] == 8  # 4 rows and the one spare (kv.py) -> 8
     late = engine.submit(prompts[4], SamplingParams(max_new_tokens=15))  # a prompt of 1 token into a used place
     engine.step()
-    assert engine._slots.rows == 4 and engine._slots.capacity()[0] == 4  # no new buffer rows: the place was reused
+    assert engine._slots.rows == 4 and engine._slots.capacity()[0] == 8  # no new buffer rows: the place was reused
     run(engine)
     for prompt, budget, stream in zip(prompts, (3, 20, 20, 20, 15), [*first, late]):
         (choice,) = stream.collect()
@@ -150,3 +151,116 @@ def test_serve_dtype_auto_is_bf16_only_on_a_cpu_that_computes_it_natively(monkey
     assert serving_dtype(ServeConfig(engine="vllm")) == "auto"  # vLLM picks its own
     monkeypatch.setenv("CORRAL_CPU_BF16", "0")
     assert serving_dtype(ServeConfig()) == "auto"  # load_model's: float32 on CPU
+
+
+def test_matvec_linear_is_f_linear_with_float32_accumulation():
+    """generate/compiled.py: the reduction the compiled step uses for 1-2 row products, on 1 and 2 rows, 2-D and
+    3-D inputs, with and without a bias; bf16 rounds once, as F.linear's float32-accumulated result does."""
+    from corral.generate.compiled import matvec_linear
+
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
+    for x in (torch.randn(1, 64, generator=g), torch.randn(2, 1, 64, generator=g)):
+        torch.testing.assert_close(matvec_linear(x, weight), torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(matvec_linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias),
+                                   rtol=1e-5, atol=1e-5)
+        exact = torch.nn.functional.linear(x.bfloat16().float(), weight.bfloat16().float()).bfloat16()
+        assert torch.equal(matvec_linear(x.bfloat16(), weight.bfloat16()), exact)
+
+
+def test_the_matvec_mode_rewrites_linears_of_at_most_two_rows_only():
+    from corral.generate.compiled import MATVEC_MAX, MatVec, matvec_linear
+
+    assert MATVEC_MAX == 2
+    layer = torch.nn.Linear(64, 32)
+    calls = []
+    original = torch.nn.functional.linear
+    with MatVec():
+        for rows in (1, 2, 3, 8):
+            x = torch.randn(rows, 1, 64)
+            out = layer(x)
+            calls.append(torch.equal(out, matvec_linear(x, layer.weight, layer.bias)))
+            assert torch.allclose(out, original(x, layer.weight, layer.bias), atol=1e-5)
+    # Rows 1 and 2 through the reduction (bit-equal to it); 3 and 8 through F.linear itself, whose MKL sum
+    # order differs in the last bits.
+    assert calls[:2] == [True, True]
+    assert torch.equal(layer(torch.ones(3, 64)), original(torch.ones(3, 64), layer.weight, layer.bias))
+
+
+def test_one_compiled_graph_per_row_bucket_serves_every_width(model, tiny_tokenizer, prompts):
+    """The step's width and the cache's size are dynamic in the compiled graph: a reply that grows the cache
+    from 256 to 512 columns, then a second one, run on the one graph compiled for a 1-row step."""
+    graphs = []
+
+    def counting(graph, example_inputs):  # a torch.compile backend that runs the traced graph as it is
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    engine = TransformersEngine(model, tiny_tokenizer, stop_token_ids=(), compile=counting)
+    for prompt, budget in ((prompts[3], 260), (prompts[0], 30)):  # 40 + 260 tokens: past 256 columns
+        (choice,), = engine.generate([prompt], SamplingParams(max_new_tokens=budget))
+        assert choice.token_ids == hf_greedy(model, prompt, budget)
+    assert engine._slots.capacity() == (2, 512)
+    assert len(graphs) == 1
+
+
+def test_the_inductor_compiled_step_gives_generates_tokens(model, tiny_tokenizer, prompts):
+    """compile=True: inductor builds the step's C++ (the matrix-vector reductions included) with the system
+    compiler; greedy replies of a 1-row and a 2-row batch, one growing past 256 columns, are generate's."""
+    torch._dynamo.reset()
+    engine = TransformersEngine(model, tiny_tokenizer, stop_token_ids=(), compile=True)
+    compiled, rows = engine._compiled, []
+    engine._compiled = lambda ids, *rest: rows.append(len(ids)) or compiled(ids, *rest)
+    budgets = (230, 20)
+    results = engine.generate(prompts[3:5], [SamplingParams(max_new_tokens=b) for b in budgets])
+    assert set(rows) == {1, 2}
+    for prompt, budget, (choice,) in zip(prompts[3:5], budgets, results):
+        assert choice.token_ids == hf_greedy(model, prompt, budget)
+
+
+def test_warm_up_builds_both_row_buckets_before_any_request(model, tiny_tokenizer, prompts):
+    graphs = []
+
+    def counting(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    engine = TransformersEngine(model, tiny_tokenizer, compile=counting)
+    assert engine.warm_up() > 0 and len(graphs) == 2  # the 1-row and the 2-row step
+    assert engine.default_stop_ids == frozenset({tiny_tokenizer.eos_token_id})  # restored
+    params = [SamplingParams(max_new_tokens=b) for b in (9, 17)]
+    results = engine.generate(prompts[:2], params)
+    assert len(graphs) == 2  # nothing more to build
+    for prompt, p, (choice,) in zip(prompts, params, results):
+        expected = hf_greedy(model, prompt, p.max_new_tokens)  # the engine stops at eos, if it comes, included
+        assert choice.token_ids == expected[: len(choice.token_ids)] and choice.token_ids
+
+
+def test_a_step_that_does_not_compile_fails_at_warm_up_with_the_reason(model, tiny_tokenizer):
+    def broken(graph, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    torch._dynamo.reset()
+    engine = TransformersEngine(model, tiny_tokenizer, compile=broken)
+    with pytest.raises(ValueError, match=r"compile: the decode step did not compile \(.*no C\+\+ compiler found\); serve with compile=false"):
+        engine.warm_up()
+    assert TransformersEngine(model, tiny_tokenizer).warm_up() == 0.0  # nothing to build without compile
+
+
+def test_serve_prints_its_precision_at_start(monkeypatch):
+    from corral.config import ServeConfig
+    from corral.recipes.serve import precision_line, serving_dtype
+
+    monkeypatch.setattr("corral.models.load.default_device", lambda: torch.device("cpu"))
+    monkeypatch.setenv("CORRAL_CPU_BF16", "1")
+    cfg = ServeConfig()
+    assert precision_line(cfg, serving_dtype(cfg)) == (
+        "engine transformers on cpu, weights in bfloat16 (dtype auto: this CPU computes bf16 natively)")
+    monkeypatch.setenv("CORRAL_CPU_BF16", "0")
+    assert precision_line(cfg, serving_dtype(cfg)) == (
+        "engine transformers on cpu, weights in float32 (dtype auto: this CPU has no native bf16)")
+    cfg = ServeConfig(dtype="float32", compile=True)
+    assert precision_line(cfg, serving_dtype(cfg)) == (
+        "engine transformers on cpu, weights in float32, decode steps of 1-2 rows compiled")
