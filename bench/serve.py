@@ -34,6 +34,10 @@ with another build of llama-cpp-python (a `pip install --target DIR` folder). `-
 LABEL=ARGS` also measures this checkout's server with other `corral serve` arguments (e.g.
 `bf16=dtype=bfloat16`), `--serve-arg` gives the main one arguments.
 
+`--repeat N` runs everything N times in rounds and reports each row's median and each ratio's median
+over the rounds (this machine's speed drifts over a long run: a ratio of rows measured within one
+round is the steadier figure); `--no-serial` leaves the serial server out.
+
 Writes bench/results/serve.json (serve-<gpu>.json on CUDA) atomically; `python bench/report.py`
 puts the table in the README.
 """
@@ -84,6 +88,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the static rows (default torch's)")
     p.add_argument("--static-dtype", default="float32",
                    help="dtypes of the `generate` static rows, comma-separated (default float32; e.g. float32,bfloat16)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run every row this many times, in rounds (each round all rows, one after the other), and "
+                        "report each row's median and the median of each ratio over the rounds (default 1)")
+    p.add_argument("--no-serial", action="store_true",
+                   help="leave out the one-request-at-a-time transformers server (and the corral/serial ratios)")
     p.add_argument("--static-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
@@ -517,6 +526,8 @@ def main(argv=None) -> int:
     if args.baseline_server:
         baseline_server(args.model, args.port)
         return 0
+    if args.repeat > 1:
+        return repeated(args, list(argv if argv is not None else sys.argv[1:]))
     pool = prompts()
     print(f"serving benchmark on {args.model}: clients {args.clients}, max {args.max_tokens} new tokens, greedy")
     corral_port, base_port = free_port(), free_port()
@@ -554,8 +565,9 @@ def main(argv=None) -> int:
         invalid = sum(not valid_reply(text) for level in constrained["levels"] for text in level["replies"].values())
         extra_ratios["json_schema replies failing the schema"] = invalid
         mask_cost = mask_cost_per_token(args.model)
-    baseline = measure("transformers serial", [sys.executable, __file__, "--baseline-server", "--model", args.model,
-                                               "--port", str(base_port)], base_port, "m", args, pool)
+    baseline = None if args.no_serial else measure(
+        "transformers serial", [sys.executable, __file__, "--baseline-server", "--model", args.model, "--port",
+                                str(base_port)], base_port, "m", args, pool)
 
     static_rows = []
     top = max(int(c) for c in args.clients.split(","))
@@ -580,13 +592,16 @@ def main(argv=None) -> int:
     extra_rows += static_rows
 
     rows, ratios, mismatched = [], {}, 0
-    for c_level, b_level in zip(corral["levels"], baseline["levels"]):
+    for c_level, b_level in zip(corral["levels"], baseline["levels"] if baseline else []):
         shared = set(c_level["replies"]) & set(b_level["replies"])
         mismatched += sum(c_level["replies"][p].strip() != b_level["replies"][p].strip() for p in shared)
         ratios[f"corral/serial tokens_per_s @{c_level['clients']}"] = round(
             c_level["tokens_per_s"] / b_level["tokens_per_s"], 2)
-    for c_row, b_row in zip(level_rows(corral), level_rows(baseline)):
-        rows += [c_row, b_row]
+    if baseline:
+        for c_row, b_row in zip(level_rows(corral), level_rows(baseline)):
+            rows += [c_row, b_row]
+    else:
+        rows += level_rows(corral)
     rows += extra_rows
     ratios.update(extra_ratios)
     machine = machine_info()
@@ -614,6 +629,50 @@ def main(argv=None) -> int:
     print(f"replies differing between the two servers: {mismatched}")
     print(f"wrote {out}")
     return 0
+
+
+ROUNDS_NOTE = ("{n} rounds, each every row one after the other; a row's numbers are its medians over the rounds "
+               "(runs_tokens_per_s: each round's), a ratio is the median of the rounds' own ratios. ")
+
+
+def repeated(args, argv: list[str]) -> int:
+    """`--repeat N`: N rounds of the whole run (each its own results file, then merged): each row's numbers are
+    its medians over the rounds (every round's tokens/s kept in `runs_tokens_per_s`), and each ratio is the
+    median of the rounds' own ratios, each computed from rows measured minutes apart rather than a run apart."""
+    import tempfile
+
+    base = _without(_without(argv, "--repeat"), "--out")
+    rounds = []
+    with tempfile.TemporaryDirectory() as folder:
+        for k in range(args.repeat):
+            print(f"round {k + 1} of {args.repeat}", flush=True)
+            out = Path(folder) / f"round{k}.json"
+            main([*base, "--out", str(out)])
+            rounds.append(json.loads(out.read_text()))
+    merged = dict(rounds[0])
+    merged["command"] = " ".join(["python bench/serve.py", *argv])
+    merged["rows"] = []
+    for row in rounds[0]["rows"]:
+        same = [next(r for r in rnd["rows"] if r["name"] == row["name"]) for rnd in rounds]
+        median = {k: statistics.median(r[k] for r in same) if isinstance(v, (int, float)) and v is not None
+                  and not isinstance(v, bool) and all(isinstance(r.get(k), (int, float)) for r in same) else v
+                  for k, v in row.items()}
+        merged["rows"].append(median | {"runs_tokens_per_s": [round(r["tokens_per_s"], 1) for r in same]})
+    merged["ratios"] = {k: round(statistics.median(rnd["ratios"][k] for rnd in rounds), 2)
+                        for k, v in rounds[0]["ratios"].items() if isinstance(v, (int, float))}
+    merged["setup"] = rounds[0]["setup"] | {"rounds": args.repeat, "replies_differing_between_servers": [
+        rnd["setup"]["replies_differing_between_servers"] for rnd in rounds]}
+    merged["setup"]["notes"] = ROUNDS_NOTE.format(n=args.repeat) + merged["setup"]["notes"]
+    out = write_results(results_path("serve", merged["machine"]["gpu"], args.out), merged)
+    print(json.dumps(merged["ratios"], indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def _without(argv: list[str], flag: str) -> list[str]:
+    """argv less `flag VALUE` and `flag=VALUE`."""
+    return [a for i, a in enumerate(argv) if a != flag and not a.startswith(flag + "=")
+            and not (i and argv[i - 1] == flag)]
 
 
 if __name__ == "__main__":

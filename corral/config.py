@@ -486,6 +486,8 @@ class ChatConfig(Section):
     max_tokens: int = Field(256, ge=1)
     seed: int | None = Field(None)
     dtype: DType = "auto"
+    compile: bool = Field(False, description="A local model's decode step compiled with torch.compile (as `corral "
+                          "serve compile=true`): about 2x the tokens/s on CPU, after 40-50 s of building at start.")
 
 
 class PromptDataConfig(MixtureFields):

@@ -170,10 +170,20 @@ class TransformersEngine:
             torch._dynamo.mark_dynamic(buffer, 0)
             torch._dynamo.mark_dynamic(buffer, 2)
 
+    @property
+    def compiles(self) -> bool:
+        """Whether small decode steps run compiled (`compile=`)."""
+        return self._compiled is not None
+
     def warm_up(self) -> float:
         """Build the compiled step's graphs now, one per row bucket (1 and 2 rows), so that no request waits for
-        them; returns the seconds taken (0 without compile). Run before `start()`. A graph that fails to build
-        (inductor needs a C++ compiler on CPU) raises ValueError here, once, rather than failing every request."""
+        them; returns the seconds taken (0 without compile). A graph that fails to build (inductor needs a C++
+        compiler on CPU) raises ValueError here, once, rather than failing every request.
+
+        Run it after `start()`, so the warm-up requests run in the engine's own thread, as served ones will: the
+        compiled kernels' OpenMP threads then belong to that thread alone. Warmed up in the server's main thread,
+        they left a second OpenMP team behind and `corral serve compile=true` decoded 27.7 tokens/s at one client
+        against about 50 in one process (see "One OpenMP team" in docs/serving.md)."""
         if self._compiled is None:
             return 0.0
         started = time.perf_counter()

@@ -30,6 +30,7 @@ def run(cfg: ChatConfig):
     from corral.chat.templates import get_template
     from corral.generate.engine import TransformersEngine
     from corral.models.load import load_model, load_tokenizer
+    from corral.serve.models import started
 
     print(f"loading {cfg.model} ...", flush=True)
     tokenizer = load_tokenizer(cfg.model)
@@ -37,7 +38,8 @@ def run(cfg: ChatConfig):
     # Small models loop without a repetition penalty; 1.1 unless the user chose.
     if cfg.repetition_penalty is None:
         params = replace(params, repetition_penalty=1.1)
-    engine = TransformersEngine(load_model(cfg.model, dtype=cfg.dtype), tokenizer).start()
+    engine = started(TransformersEngine(load_model(cfg.model, dtype=cfg.dtype), tokenizer, compile=cfg.compile),
+                     cfg.model)
     try:
         return chat_loop(LocalBackend(engine, template), params, cfg.system, banner=f"chatting with {cfg.model}")
     finally:

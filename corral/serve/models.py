@@ -44,6 +44,20 @@ def _is_lora(adapter_dir: str) -> bool:
     return config.get("peft_type", "LORA") == "LORA"
 
 
+def started(engine: TransformersEngine, name: str) -> TransformersEngine:
+    """The engine's background loop started and its compiled graphs (if any) built, in that loop's thread, with a
+    word on each."""
+    engine.start()
+    if engine.compiles:
+        print(f"compiling the decode step of {name} (1- and 2-row graphs; inductor caches them on disk)", flush=True)
+        try:
+            print(f"compiled in {engine.warm_up():.0f} s", flush=True)
+        except ValueError:
+            engine.close()
+            raise
+    return engine
+
+
 def load_served_models(specs: list[str], template: str = "auto", dtype: str = "auto", max_batch: int = 32,
                        engine: str = "transformers", compile: bool = False) -> dict[str, ServedModel]:
     parsed = [parse_spec(s) for s in specs]
@@ -74,12 +88,8 @@ def load_served_models(specs: list[str], template: str = "auto", dtype: str = "a
                 for adapter_name, adapter_dir in adapters[1:]:
                     model.load_adapter(adapter_dir, adapter_name=adapter_name)
                 model.eval()
-            eng = TransformersEngine(model, load_tokenizer(base_path), max_batch=max_batch, compile=compile)
-            if compile:
-                print(f"compiling the decode step of {base_path} (1- and 2-row graphs; cached on disk by inductor)",
-                      flush=True)
-                print(f"compiled in {eng.warm_up():.0f} s", flush=True)
-            eng.start()
+            eng = started(TransformersEngine(model, load_tokenizer(base_path), max_batch=max_batch, compile=compile),
+                          base_path)
         for i, (name, path, adapter_dir) in enumerate(members):
             adapter = f"adapter{i}" if adapter_dir else (BASE_ADAPTER if adapters else None)
             trained = get_template(template, load_tokenizer(path))  # an adapter folder carries its trained template

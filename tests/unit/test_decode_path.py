@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from tests.conftest import build_model
@@ -264,3 +266,24 @@ def test_serve_prints_its_precision_at_start(monkeypatch):
     cfg = ServeConfig(dtype="float32", compile=True)
     assert precision_line(cfg, serving_dtype(cfg)) == (
         "engine transformers on cpu, weights in float32, decode steps of 1-2 rows compiled")
+
+
+def test_a_started_engine_builds_its_graphs_in_its_own_thread(model, tiny_tokenizer, capsys):
+    """serve/models.started: the warm-up's steps run in the engine's loop thread, as served requests will (its
+    kernels' OpenMP threads then belong to that thread; warmed up in the main thread, serving ran at half speed)."""
+    from corral.serve.models import started
+
+    threads = []
+
+    def recording(graph, example_inputs):
+        threads.append(threading.current_thread().name)
+        return graph.forward
+
+    torch._dynamo.reset()
+    engine = started(TransformersEngine(model, tiny_tokenizer, compile=recording), "tiny")
+    try:
+        assert threads == ["corral-engine", "corral-engine"]
+        out = capsys.readouterr().out
+        assert "compiling the decode step of tiny" in out and "compiled in" in out
+    finally:
+        engine.close()
