@@ -155,8 +155,8 @@ class TransformersEngine:
 
         def logits(ids, mask, positions):
             with MatVec():  # 1-2 row products as fused reductions (generate/compiled.py)
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self._slots,
-                                 use_cache=True, **self._head.forward_kwargs())
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                 past_key_values=self._slots, use_cache=True, **self._head.forward_kwargs())
             return matvec_linear(out.hidden_states[-1][:, -1, :], self._head.weight).float()  # the head we checked
 
         return torch.compile(logits, backend=backend, dynamic=False)

@@ -31,7 +31,8 @@ def precision_line(cfg: ServeConfig, dtype: str) -> str:
     if cfg.engine != "transformers":
         return f"engine {cfg.engine}, dtype {dtype}"
     device = default_device()
-    line = f"engine transformers on {device.type}, weights in {str(resolve_dtype(dtype, device)).removeprefix('torch.')}"
+    weights = str(resolve_dtype(dtype, device)).removeprefix("torch.")
+    line = f"engine transformers on {device.type}, weights in {weights}"
     if cfg.dtype == "auto" and device.type == "cpu":
         line += " (dtype auto: this CPU computes bf16 natively)" if dtype == "bfloat16" else \
             " (dtype auto: this CPU has no native bf16)"

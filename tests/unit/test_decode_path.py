@@ -163,7 +163,8 @@ def test_matvec_linear_is_f_linear_with_float32_accumulation():
     g = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
     for x in (torch.randn(1, 64, generator=g), torch.randn(2, 1, 64, generator=g)):
-        torch.testing.assert_close(matvec_linear(x, weight), torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(matvec_linear(x, weight), torch.nn.functional.linear(x, weight),
+                                   rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(matvec_linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias),
                                    rtol=1e-5, atol=1e-5)
         exact = torch.nn.functional.linear(x.bfloat16().float(), weight.bfloat16().float()).bfloat16()
@@ -246,7 +247,8 @@ def test_a_step_that_does_not_compile_fails_at_warm_up_with_the_reason(model, ti
 
     torch._dynamo.reset()
     engine = TransformersEngine(model, tiny_tokenizer, compile=broken)
-    with pytest.raises(ValueError, match=r"compile: the decode step did not compile \(.*no C\+\+ compiler found\); serve with compile=false"):
+    expected = r"compile: the decode step did not compile \(.*no C\+\+ compiler found\); serve with compile=false"
+    with pytest.raises(ValueError, match=expected):
         engine.warm_up()
     assert TransformersEngine(model, tiny_tokenizer).warm_up() == 0.0  # nothing to build without compile
 
