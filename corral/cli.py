@@ -247,12 +247,23 @@ def build_config(cmd: Command, config_files: list[str], overrides: dict):
     return load_config(cmd.config, files, overrides)
 
 
+def _not_the_hub_kernel_message(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
 def quiet_libraries() -> None:
     # Our own messages at INFO; libraries only when they warn (HTTP clients log every request at INFO).
     logging.basicConfig(level=logging.WARNING, format="corral: %(message)s")
     logging.getLogger("corral").setLevel(logging.INFO)
     for noisy in ("transformers", "accelerate", "peft", "datasets", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # bitsandbytes (imported by peft) tries, on a CPU with avx512_bf16 and the `kernels` package installed, to
+    # fetch a 4-bit kernel from the Hugging Face Hub at import, and says so as a failure when it cannot (offline,
+    # or the repository's trust check), then uses its own kernel: every `corral serve` printed it. Only that
+    # message is dropped; the logger's other warnings still show.
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if _not_the_hub_kernel_message not in bnb.filters:
+        bnb.addFilter(_not_the_hub_kernel_message)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|peft|torch|bitsandbytes)")
     try:

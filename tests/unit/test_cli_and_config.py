@@ -143,3 +143,26 @@ def test_a_run_that_fails_on_its_inputs_leaves_nothing_behind(tmp_path, tiny_mod
     (out / "notes.txt").write_text("mine")
     assert main(args) == 1
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "notes.txt"]
+
+
+def test_bitsandbytes_hub_kernel_message_is_dropped_and_its_other_warnings_kept():
+    """bitsandbytes, imported by peft, logs a failed Hub fetch of an optional CPU kernel at import on avx512_bf16
+    CPUs (then uses its own): every `corral serve` printed it as `corral: Failed to load ...`."""
+    import logging
+
+    from corral.cli import quiet_libraries
+
+    quiet_libraries()
+    quiet_libraries()  # once is enough: no second filter
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    assert len(logger.filters) == 1
+    records = []
+    collector = logging.Handler()
+    collector.emit = records.append
+    logger.addHandler(collector)
+    try:
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...", "x")
+        logger.warning("some other bitsandbytes warning")
+    finally:
+        logger.removeHandler(collector)
+    assert [r.getMessage() for r in records] == ["some other bitsandbytes warning"]
