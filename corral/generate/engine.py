@@ -196,6 +196,9 @@ class TransformersEngine:
             raise ValueError(f"compile: the decode step did not compile ({reason}); serve with compile=false") from None
         finally:
             self.default_stop_ids = stops
+        if not isinstance(self._head.weight, torch.Tensor):  # the compiled step runs our head: never with its own
+            log.warning("compile: this model computes its logits itself (scaled or capped), so its decode steps run "
+                        "eagerly; compile gains nothing here")
         return time.perf_counter() - started
 
     # ------------------------------------------------------------------ requests

@@ -228,7 +228,7 @@ def test_the_inductor_compiled_step_gives_generates_tokens(tiny_tokenizer, promp
         assert choice.token_ids == hf_greedy(model, prompt, budget)
 
 
-def test_warm_up_builds_both_row_buckets_before_any_request(model, tiny_tokenizer, prompts):
+def test_warm_up_builds_both_row_buckets_before_any_request(model, tiny_tokenizer, prompts, caplog):
     graphs = []
 
     def counting(graph, example_inputs):
@@ -237,7 +237,9 @@ def test_warm_up_builds_both_row_buckets_before_any_request(model, tiny_tokenize
 
     torch._dynamo.reset()
     engine = TransformersEngine(model, tiny_tokenizer, compile=counting)
-    assert engine.warm_up() > 0 and len(graphs) == 2  # the 1-row and the 2-row step
+    with caplog.at_level("WARNING", logger="corral.generate.engine"):
+        assert engine.warm_up() > 0 and len(graphs) == 2  # the 1-row and the 2-row step
+    assert "run eagerly" not in caplog.text
     assert engine.default_stop_ids == frozenset({tiny_tokenizer.eos_token_id})  # restored
     params = [SamplingParams(max_new_tokens=b) for b in (9, 17)]
     results = engine.generate(prompts[:2], params)
@@ -295,3 +297,21 @@ def test_a_started_engine_builds_its_graphs_in_its_own_thread(model, tiny_tokeni
         assert "compiling the decode step of tiny" in out and "compiled in" in out
     finally:
         engine.close()
+
+
+def test_warm_up_says_so_when_the_model_keeps_its_own_head(model, tiny_tokenizer, caplog):
+    """A model whose logits are not a plain head over the hidden state (the engine's check fails) never runs the
+    compiled step, which computes the head itself: warm_up builds nothing and says why."""
+    graphs = []
+
+    def counting(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    engine = TransformersEngine(model, tiny_tokenizer, compile=counting)
+    engine._head.weight = False  # as after a failed check
+    with caplog.at_level("WARNING", logger="corral.generate.engine"):
+        engine.warm_up()
+    assert graphs == []
+    assert "decode steps run eagerly" in caplog.text
