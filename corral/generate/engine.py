@@ -30,6 +30,7 @@ live weights).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import threading
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 
 from corral.generate.head import LastLogits
 from corral.generate.kv import SlotCache
+from corral.generate.packed import PackedLinear, packed_bytes
 from corral.generate.sampling import RowParams, SamplingParams, apply_penalties, per_prompt, sample_next
 from corral.generate.structured import Grammars
 from corral.generate.types import (BASE_ADAPTER, Completion, EngineStats, Stream, TokenEvent, TokenLogprob,
@@ -88,7 +90,7 @@ class TransformersEngine:
 
     def __init__(self, model, tokenizer, max_batch: int = 32, max_len: int | None = None,
                  stop_token_ids: tuple[int, ...] | None = None, kv_cache: str = "auto",
-                 compile: bool | str | Callable = False):
+                 compile: bool | str | Callable = False, pack_weights: bool | str = False):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -108,6 +110,9 @@ class TransformersEngine:
                 "manages itself: serve a LoRA adapter or a full model instead"
             )
         self._head = LastLogits(model, self.device)  # on CPU, runs the output head itself (see generate/head.py)
+        self._packed = self._packing(pack_weights)  # oneDNN-packed linear weights for eager steps (generate/packed.py)
+        if self._packed is not None:
+            self._head.linear = self._packed.linear
         self._slots = self._slot_cache(kv_cache)  # None: the DynamicCache path (re-stacked as rows come and go)
         self._compiled = self._compile_decode("inductor" if compile is True else compile) if compile else None
         # Steps of at most this many rows run compiled, larger ones eagerly: measured on SmolLM2-135M in bf16
@@ -135,6 +140,30 @@ class TransformersEngine:
             raise ValueError(f"kv_cache: slots needs sdpa or eager attention, the model uses {attention}")
         self._additive_mask = attention == "eager"
         return SlotCache(self.device)
+
+    def _packing(self, pack_weights: bool | str) -> PackedLinear | None:
+        """`pack_weights`: True packs the linear weights on CPU (generate/packed.py); `auto` too, where the copies
+        (about the linear weights' size) take at most half the memory still available; False never."""
+        if pack_weights not in (True, False, "auto"):
+            raise ValueError(f"pack_weights: {pack_weights!r} is not one of true, false, auto")
+        if not pack_weights or self.device.type != "cpu":
+            return None
+        extra = packed_bytes(self.model)
+        if pack_weights == "auto":
+            import psutil
+
+            free = psutil.virtual_memory().available
+            if extra > free / 2:
+                log.warning("pack_weights: auto leaves the weights unpacked: their packed copies (%.0f MB) would take "
+                            "more than half the %.0f MB available", extra / 2**20, free / 2**20)
+                return None
+        self.packed_mb = extra / 2**20
+        return PackedLinear(self.model)
+
+    @property
+    def packs(self) -> bool:
+        """Whether eager steps run on packed weights (`pack_weights=`)."""
+        return self._packed is not None
 
     def _compile_decode(self, backend: str):
         """The decode step's forward and output head under torch.compile: `compile=True` is inductor (on CPU it
@@ -338,8 +367,9 @@ class TransformersEngine:
             active = getattr(self.model, "active_adapter", BASE_ADAPTER)
             kwargs["adapter_names"] = [a or active for a in adapters]
         kwargs.update(self._head.forward_kwargs())  # the model builds no logits once we run the head
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, **kwargs)
+        with self._packed or contextlib.nullcontext():
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True, **kwargs)
         return self._head(out), out.past_key_values
 
     def _prefill(self, seqs: list[_Sequence]) -> None:

@@ -23,6 +23,7 @@ class LastLogits:
     def __init__(self, model, device: torch.device):
         self.model = model
         self.weight: torch.Tensor | bool | None = None if device.type == "cpu" else False
+        self.linear = None  # F.linear's equal that `project` runs the head with (packed weights), None: our matmul
 
     def forward_kwargs(self) -> dict:
         """What the model's forward needs: no logits of its own once we run the head, hidden states unless never."""
@@ -45,4 +46,6 @@ class LastLogits:
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, vocab) float logits of last-position hidden states (B, hidden), once the head is ours to run."""
+        if self.linear is not None:
+            return self.linear(hidden, self.weight).float()
         return (self.weight @ hidden.T).T.float()

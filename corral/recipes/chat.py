@@ -30,6 +30,7 @@ def run(cfg: ChatConfig):
     from corral.chat.templates import get_template
     from corral.generate.engine import TransformersEngine
     from corral.models.load import load_model, load_tokenizer
+    from corral.recipes.serve import precision_line, serving_dtype
     from corral.serve.models import started
 
     print(f"loading {cfg.model} ...", flush=True)
@@ -38,8 +39,10 @@ def run(cfg: ChatConfig):
     # Small models loop without a repetition penalty; 1.1 unless the user chose.
     if cfg.repetition_penalty is None:
         params = replace(params, repetition_penalty=1.1)
-    engine = started(TransformersEngine(load_model(cfg.model, dtype=cfg.dtype), tokenizer, compile=cfg.compile),
-                     cfg.model)
+    dtype = serving_dtype(cfg)  # bf16 where this CPU computes it natively, as `corral serve` picks
+    print(precision_line(cfg, dtype), flush=True)
+    engine = started(TransformersEngine(load_model(cfg.model, dtype=dtype), tokenizer, compile=cfg.compile,
+                                        pack_weights=cfg.pack_weights), cfg.model)
     try:
         return chat_loop(LocalBackend(engine, template), params, cfg.system, banner=f"chatting with {cfg.model}")
     finally:

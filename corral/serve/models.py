@@ -47,6 +47,8 @@ def _is_lora(adapter_dir: str) -> bool:
 def started(engine: TransformersEngine, name: str) -> TransformersEngine:
     """The engine's background loop started and its compiled graphs (if any) built, in that loop's thread, with a
     word on each."""
+    if engine.packs:
+        print(f"{name}: linear weights packed for oneDNN (+{engine.packed_mb:.0f} MB)", flush=True)
     engine.start()
     if engine.compiles:
         print(f"compiling the decode step of {name} (1- and 2-row graphs; inductor caches them on disk)", flush=True)
@@ -59,7 +61,8 @@ def started(engine: TransformersEngine, name: str) -> TransformersEngine:
 
 
 def load_served_models(specs: list[str], template: str = "auto", dtype: str = "auto", max_batch: int = 32,
-                       engine: str = "transformers", compile: bool = False) -> dict[str, ServedModel]:
+                       engine: str = "transformers", compile: bool = False,
+                       pack_weights: bool | str = "auto") -> dict[str, ServedModel]:
     parsed = [parse_spec(s) for s in specs]
     names = [n for n, _ in parsed]
     if len(set(names)) != len(names):
@@ -88,8 +91,8 @@ def load_served_models(specs: list[str], template: str = "auto", dtype: str = "a
                 for adapter_name, adapter_dir in adapters[1:]:
                     model.load_adapter(adapter_dir, adapter_name=adapter_name)
                 model.eval()
-            eng = started(TransformersEngine(model, load_tokenizer(base_path), max_batch=max_batch, compile=compile),
-                          base_path)
+            eng = started(TransformersEngine(model, load_tokenizer(base_path), max_batch=max_batch, compile=compile,
+                                             pack_weights=pack_weights), base_path)
         for i, (name, path, adapter_dir) in enumerate(members):
             adapter = f"adapter{i}" if adapter_dir else (BASE_ADAPTER if adapters else None)
             trained = get_template(template, load_tokenizer(path))  # an adapter folder carries its trained template

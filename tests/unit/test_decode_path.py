@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tests.conftest import build_model
 from tests.unit.test_engine import hf_greedy
 
@@ -315,3 +316,110 @@ def test_warm_up_says_so_when_the_model_keeps_its_own_head(model, tiny_tokenizer
         engine.warm_up()
     assert graphs == []
     assert "decode steps run eagerly" in caplog.text
+
+
+def test_packed_linear_is_f_linear_and_follows_its_weight():
+    """generate/packed.py: oneDNN's kernel on the packed copy is F.linear bit for bit in bf16 (the same kernel, less
+    the rearranging) and within float32 rounding in float32 (oneDNN's summation order against MKL's); 2-D and 3-D
+    inputs, with a bias; a weight changed in place is packed again; under autograd the plain F.linear runs."""
+    from corral.generate.packed import PackedLinear
+
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(48, 24)
+    packed = PackedLinear(layer)
+    for dtype in (torch.bfloat16, torch.float32):
+        weight = (torch.randn(24, 48, generator=g) * 0.1).to(dtype)
+        bias = torch.randn(24, generator=g).to(dtype)
+        for shape in ((1, 48), (5, 48), (2, 3, 48)):
+            x = torch.randn(*shape, generator=g).to(dtype)
+            with torch.no_grad():
+                got, want = packed.linear(x, weight, bias), F.linear(x, weight, bias)
+            assert got.shape == want.shape and got.dtype == dtype
+            if dtype == torch.bfloat16:
+                assert torch.equal(got, want)
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            weight.mul_(-2)  # an in-place update (an optimizer step): the next call packs the new values
+            x = torch.randn(3, 48, generator=g).to(dtype)
+            torch.testing.assert_close(packed.linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 48, generator=g, requires_grad=True)
+    with packed:  # autograd: the layer's own F.linear, and gradients reach the weight
+        layer(x).sum().backward()
+    assert layer.weight.grad is not None and x.grad is not None
+
+
+def test_packing_gives_linear_layers_a_forward_only_while_inside(model):
+    """Entering gives each plain nn.Linear a packed forward (the same outputs), leaving takes it away, also after
+    an error; a subclass of nn.Linear (bitsandbytes' 4-bit layers are) keeps its own."""
+    from corral.generate.packed import PackedLinear
+
+    class Own(torch.nn.Linear):
+        pass
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), Own(8, 8)).to(torch.bfloat16)
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = net(x)
+        packed = PackedLinear(net)
+        with packed:
+            assert "forward" in vars(net[0]) and "forward" not in vars(net[1])
+            assert torch.equal(net(x), want)
+        assert "forward" not in vars(net[0])
+        with pytest.raises(KeyError), packed:
+            raise KeyError("inside")
+        assert "forward" not in vars(net[0])
+
+
+def test_an_engine_on_packed_weights_gives_the_same_tokens(model, tiny_tokenizer, prompts):
+    """pack_weights=True: prefill, eager decode steps and the output head run on packed copies (made once, at the
+    first step), and the bf16 replies are the plain engine's, token for token (the same oneDNN kernel)."""
+    import copy
+
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    params = SamplingParams(max_new_tokens=10, repetition_penalty=1.1)
+    plain = TransformersEngine(bf16, tiny_tokenizer, stop_token_ids=()).generate(prompts, params)
+    engine = TransformersEngine(bf16, tiny_tokenizer, stop_token_ids=(), pack_weights=True)
+    assert engine.packs and engine._head.linear is not None
+    packed = engine.generate(prompts, params)
+    assert [c.token_ids for (c,) in packed] == [c.token_ids for (c,) in plain]
+    linears = {id(m.weight) for m in bf16.modules() if isinstance(m, torch.nn.Linear)}
+    assert set(engine._packed._copies) == linears  # every linear weight, the head's included, packed once
+    assert not any("forward" in vars(m) for m in bf16.modules())  # the model is left as it was
+
+
+def test_pack_weights_auto_packs_only_what_fits_in_half_the_free_memory(model, tiny_tokenizer, monkeypatch, caplog):
+    from corral.generate.packed import packed_bytes
+
+    need = packed_bytes(model)
+    assert need == sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    free = type("Memory", (), {"available": 2 * need})
+    monkeypatch.setattr("psutil.virtual_memory", lambda: free)
+    assert TransformersEngine(model, tiny_tokenizer, pack_weights="auto").packs
+    free.available = 2 * need - 1
+    assert not TransformersEngine(model, tiny_tokenizer, pack_weights="auto").packs
+    assert "pack_weights: auto leaves the weights unpacked" in caplog.text
+    assert not TransformersEngine(model, tiny_tokenizer).packs  # the engine's default: off (training's rollouts)
+    with pytest.raises(ValueError, match="pack_weights: 'yes' is not one of"):
+        TransformersEngine(model, tiny_tokenizer, pack_weights="yes")
+
+
+def test_chat_picks_its_dtype_as_serve_does(monkeypatch):
+    from corral.config import ChatConfig
+    from corral.recipes.serve import precision_line, serving_dtype
+
+    monkeypatch.setattr("corral.models.load.default_device", lambda: torch.device("cpu"))
+    monkeypatch.setenv("CORRAL_CPU_BF16", "1")
+    assert serving_dtype(ChatConfig()) == "bfloat16"
+    assert precision_line(ChatConfig(), "bfloat16") == (
+        "engine transformers on cpu, weights in bfloat16 (dtype auto: this CPU computes bf16 natively)")
+    monkeypatch.setenv("CORRAL_CPU_BF16", "0")
+    assert serving_dtype(ChatConfig()) == "auto"
+
+
+def test_a_started_engine_says_its_weights_are_packed(model, tiny_tokenizer, capsys):
+    from corral.serve.models import started
+
+    engine = started(TransformersEngine(model, tiny_tokenizer, pack_weights=True), "tiny")
+    engine.close()
+    assert f"tiny: linear weights packed for oneDNN (+{engine.packed_mb:.0f} MB)" in capsys.readouterr().out
