@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import random
 import threading
@@ -85,6 +86,17 @@ def _embedding_rows(model) -> int | None:
     return rows or getattr(getattr(model, "config", None), "vocab_size", None)
 
 
+def _cache_kwarg(model) -> str:
+    """The forward's name for the KV cache: `cache` in newer transformers 5 (which warn that `past_key_values` goes
+    in 5.40), `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        names = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in names else "past_key_values"
+
+
 class TransformersEngine:
     """Continuous batching over a transformers causal LM (optionally a peft model with several LoRA adapters)."""
 
@@ -110,6 +122,7 @@ class TransformersEngine:
                 "manages itself: serve a LoRA adapter or a full model instead"
             )
         self._head = LastLogits(model, self.device)  # on CPU, runs the output head itself (see generate/head.py)
+        self._cache_kwarg = _cache_kwarg(model)
         self._packed = self._packing(pack_weights)  # oneDNN-packed linear weights for eager steps (generate/packed.py)
         if self._packed is not None:
             self._head.linear = self._packed.linear
@@ -184,8 +197,8 @@ class TransformersEngine:
 
         def logits(ids, mask, positions):
             with MatVec():  # 1-2 row products as fused reductions (generate/compiled.py)
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                 past_key_values=self._slots, use_cache=True, **self._head.forward_kwargs())
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                 **{self._cache_kwarg: self._slots}, **self._head.forward_kwargs())
             return matvec_linear(out.hidden_states[-1][:, -1, :], self._head.weight).float()  # the head we checked
 
         return torch.compile(logits, backend=backend, dynamic=False)
@@ -369,7 +382,7 @@ class TransformersEngine:
         kwargs.update(self._head.forward_kwargs())  # the model builds no logits once we run the head
         with self._packed or contextlib.nullcontext():
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache, use_cache=True, **kwargs)
+                             use_cache=True, **{self._cache_kwarg: cache}, **kwargs)
         return self._head(out), out.past_key_values
 
     def _prefill(self, seqs: list[_Sequence]) -> None:

@@ -423,3 +423,18 @@ def test_a_started_engine_says_its_weights_are_packed(model, tiny_tokenizer, cap
     engine = started(TransformersEngine(model, tiny_tokenizer, pack_weights=True), "tiny")
     engine.close()
     assert f"tiny: linear weights packed for oneDNN (+{engine.packed_mb:.0f} MB)" in capsys.readouterr().out
+
+
+def test_the_engine_names_the_cache_as_the_model_forward_does(model, tiny_tokenizer, prompts):
+    """transformers 5.25 renamed the forward's `past_key_values` to `cache` (the old name warns, and goes in 5.40):
+    the engine passes whichever the model's forward takes, so a step warns of nothing."""
+    import inspect
+    import warnings
+
+    engine = TransformersEngine(model, tiny_tokenizer, stop_token_ids=())
+    expected = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    assert engine._cache_kwarg == expected
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        (reply,) = engine.generate(prompts[:1], SamplingParams(max_new_tokens=3))
+    assert len(reply[0].token_ids) == 3
