@@ -412,6 +412,10 @@ _WORKER_FN: Callable | None = None
 def _set_worker_fn(fn: Callable) -> None:
     global _WORKER_FN
     _WORKER_FN = fn
+    # A forked worker must not use the tokenizers library's thread pool: with TOKENIZERS_PARALLELISM=true exported
+    # (which turns off the library's own after-fork guard) a worker's first batch call hung for good. The pool is
+    # the parallelism here.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def _call_worker_fn(job):

@@ -491,3 +491,24 @@ def test_workers_split_in_their_processes_and_write_the_same_files(tmp_path, tin
     assert split["seen"] == 9 and split["changed"] == 5  # the 4 long chats split, the HTML one too long in one exchange
     assert split["changes"]["pieces made"] > 8
     assert split["changes"]["pieces still longer than max_len (one long exchange)"] == 1
+
+
+def test_workers_finish_with_tokenizers_parallelism_exported(tmp_path, tiny_model_dir):
+    """TOKENIZERS_PARALLELISM=true turns off the tokenizers library's after-fork guard, and a forked worker's first
+    batch call then hung for good: the workers now keep the library's threads off. In a child process, with a
+    timeout, so that a hang fails this test instead of the suite."""
+    import os
+    import subprocess
+    import sys
+
+    values = [f"turn {j} " + "word " * 30 for j in range(12)]
+    records = [{"id": f"c{k}", "conversations": [{"from": "human" if j % 2 == 0 else "gpt", "value": f"{v}{k}"}
+                                                 for j, v in enumerate(values)]} for k in range(6)]  # fmt: skip
+    raw = write_raw(tmp_path / "raw.jsonl", records)
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "true"}
+    done = subprocess.run([sys.executable, "-m", "corral.cli", "data", "clean", str(raw), "--output", str(out),
+                           f"model={tiny_model_dir}", "template=chatml", "split_max_len=96", "workers=2",
+                           "chunk_size=2"], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(out.with_suffix(".report.json").read_text())["steps"]["split"]["changed"] == 6
