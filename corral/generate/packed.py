@@ -88,5 +88,7 @@ class PackedLinear:
             layer.__dict__.pop("forward", None)
         self._layers = []
 
-    def _forward(self, layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, layer: torch.nn.Linear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args or kwargs:  # not nn.Linear's own call: its own forward says what they mean
+            return torch.nn.Linear.forward(layer, x, *args, **kwargs)
         return self.linear(x, layer.weight, layer.bias)
