@@ -171,7 +171,9 @@ class TransformersEngine:
                             "more than half the %.0f MB available", extra / 2**20, free / 2**20)
                 return None
         self.packed_mb = extra / 2**20
-        return PackedLinear(self.model)
+        packed = PackedLinear(self.model)
+        packed.pack_all()
+        return packed
 
     @property
     def packs(self) -> bool:

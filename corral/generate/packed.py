@@ -13,9 +13,9 @@ it from then on. Measured on SmolLM2-135M's 210 layer matrices, 2 AMD EPYC Zen 4
     fp32 packed   24.3 ms  30.7 ms  671 ms    oneDNN: another summation order, within 2e-6
 
 Inside `PackedLinear` (a context manager over a model), a linear layer with a CPU weight of a packed
-dtype runs oneDNN's kernel on the packed copy, made at the first call and made again if the weight changes (its
-version counter moves at every in-place update, e.g. an optimizer step). The copies are extra memory,
-about the size of the linear weights (`packed_bytes`).
+dtype runs oneDNN's kernel on the packed copy, made when the engine starts (`pack_all`) and made
+again if the weight changes (its version counter moves at every in-place update, e.g. an optimizer
+step). The copies are extra memory, about the size of the linear weights (`packed_bytes`).
 """
 
 from __future__ import annotations
@@ -69,6 +69,13 @@ class PackedLinear:
             self._copies[key] = entry = (weakref.ref(weight, lambda _, key=key: self._copies.pop(key, None)),
                                          weight._version, weight.data_ptr(), copy)
         return entry[3]
+
+    def pack_all(self) -> None:
+        """Make every layer's copy now (the engine does at start), so that no request waits for them."""
+        with torch.no_grad():
+            for layer in self.model.modules():
+                if type(layer) is torch.nn.Linear:
+                    self.packed(layer.weight)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """`F.linear(x, weight, bias)`, on the packed copy where there is one."""

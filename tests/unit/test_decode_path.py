@@ -372,8 +372,8 @@ def test_packing_gives_linear_layers_a_forward_only_while_inside(model):
 
 
 def test_an_engine_on_packed_weights_gives_the_same_tokens(model, tiny_tokenizer, prompts):
-    """pack_weights=True: prefill, eager decode steps and the output head run on packed copies (made once, at the
-    first step), and the bf16 replies are the plain engine's, token for token (the same oneDNN kernel)."""
+    """pack_weights=True: prefill, eager decode steps and the output head run on packed copies (made once, when the
+    engine starts), and the bf16 replies are the plain engine's, token for token (the same oneDNN kernel)."""
     import copy
 
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
@@ -381,10 +381,12 @@ def test_an_engine_on_packed_weights_gives_the_same_tokens(model, tiny_tokenizer
     plain = TransformersEngine(bf16, tiny_tokenizer, stop_token_ids=()).generate(prompts, params)
     engine = TransformersEngine(bf16, tiny_tokenizer, stop_token_ids=(), pack_weights=True)
     assert engine.packs and engine._head.linear is not None
+    made = dict(engine._packed._copies)
     packed = engine.generate(prompts, params)
     assert [c.token_ids for (c,) in packed] == [c.token_ids for (c,) in plain]
     linears = {id(m.weight) for m in bf16.modules() if isinstance(m, torch.nn.Linear)}
-    assert set(engine._packed._copies) == linears  # every linear weight, the head's included, packed once
+    assert set(made) == linears  # every linear weight, the head's included, packed at start
+    assert all(engine._packed._copies[k][3] is made[k][3] for k in made)  # and never again
     assert not any("forward" in vars(m) for m in bf16.modules())  # the model is left as it was
 
 
