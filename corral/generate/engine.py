@@ -123,6 +123,7 @@ class TransformersEngine:
             )
         self._head = LastLogits(model, self.device)  # on CPU, runs the output head itself (see generate/head.py)
         self._cache_kwarg = _cache_kwarg(model)
+        self.packed_mb = 0.0  # memory the packed copies take (0 without)
         self._packed = self._packing(pack_weights)  # oneDNN-packed linear weights for eager steps (generate/packed.py)
         if self._packed is not None:
             self._head.linear = self._packed.linear

@@ -13,10 +13,11 @@ from corral.serve.serving import Limits
 
 
 def serving_dtype(cfg: ServeConfig | ChatConfig) -> str:
-    """`dtype=auto` for the transformers engine (`corral serve`, and `corral chat` on a local model) on a CPU that computes bf16 natively (`cpu_bf16_native`: AMX or
-    AVX512-BF16, and a probe finding bf16 matmuls faster) is bfloat16: a decode step reads every weight once per
-    token, and bf16 halves those bytes (measured in docs/serving.md, "The generation engine"). Elsewhere `auto`
-    is `load_model`'s (float32 on CPU, bf16 / fp16 on GPU)."""
+    """`dtype=auto` for the transformers engine (`corral serve`, and `corral chat` on a local model) on a CPU that
+    computes bf16 natively (`cpu_bf16_native`: AMX or AVX512-BF16, and a probe finding bf16 matmuls faster) is
+    bfloat16: a decode step reads every weight once per token, and bf16 halves those bytes (measured in
+    docs/serving.md, "The generation engine"). Elsewhere `auto` is `load_model`'s (float32 on CPU, bf16 / fp16 on
+    GPU)."""
     from corral.models.load import cpu_bf16_native, default_device
 
     engine = getattr(cfg, "engine", "transformers")

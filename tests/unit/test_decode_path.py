@@ -28,6 +28,19 @@ def prompts(tiny_tokenizer):
     return [torch.randint(10, len(tiny_tokenizer), (n,), generator=g).tolist() for n in LENGTHS]
 
 
+def counting_backend():
+    """A torch.compile backend that runs each traced graph as it is, and the list of the graphs it was given
+    (dynamo's caches cleared first, so every graph is built anew)."""
+    graphs = []
+
+    def counting(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    return graphs, counting
+
+
 def run(engine):
     while engine.has_work():
         engine.step()
@@ -198,13 +211,7 @@ def test_the_matvec_mode_rewrites_linears_of_at_most_two_rows_only():
 def test_one_compiled_graph_per_row_bucket_serves_every_width(model, tiny_tokenizer, prompts):
     """The step's width and the cache's size are dynamic in the compiled graph: a reply that grows the cache
     from 256 to 512 columns, then a second one, run on the one graph compiled for a 1-row step."""
-    graphs = []
-
-    def counting(graph, example_inputs):  # a torch.compile backend that runs the traced graph as it is
-        graphs.append(graph)
-        return graph.forward
-
-    torch._dynamo.reset()
+    graphs, counting = counting_backend()
     engine = TransformersEngine(model, tiny_tokenizer, stop_token_ids=(), compile=counting)
     for prompt, budget in ((prompts[3], 260), (prompts[0], 30)):  # 40 + 260 tokens: past 256 columns
         (choice,), = engine.generate([prompt], SamplingParams(max_new_tokens=budget))
@@ -230,13 +237,7 @@ def test_the_inductor_compiled_step_gives_generates_tokens(tiny_tokenizer, promp
 
 
 def test_warm_up_builds_both_row_buckets_before_any_request(model, tiny_tokenizer, prompts, caplog):
-    graphs = []
-
-    def counting(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
-
-    torch._dynamo.reset()
+    graphs, counting = counting_backend()
     engine = TransformersEngine(model, tiny_tokenizer, compile=counting)
     with caplog.at_level("WARNING", logger="corral.generate.engine"):
         assert engine.warm_up() > 0 and len(graphs) == 2  # the 1-row and the 2-row step
@@ -303,13 +304,7 @@ def test_a_started_engine_builds_its_graphs_in_its_own_thread(model, tiny_tokeni
 def test_warm_up_says_so_when_the_model_keeps_its_own_head(model, tiny_tokenizer, caplog):
     """A model whose logits are not a plain head over the hidden state (the engine's check fails) never runs the
     compiled step, which computes the head itself: warm_up builds nothing and says why."""
-    graphs = []
-
-    def counting(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
-
-    torch._dynamo.reset()
+    graphs, counting = counting_backend()
     engine = TransformersEngine(model, tiny_tokenizer, compile=counting)
     engine._head.weight = False  # as after a failed check
     with caplog.at_level("WARNING", logger="corral.generate.engine"):
